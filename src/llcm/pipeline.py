@@ -1,0 +1,252 @@
+"""Prompt(s) -> images with a latent consistency model in 1-50 steps; save, load and export.
+
+A saved llcm model IS a diffusers folder: `model_index.json` names LatentConsistencyModelPipeline,
+the components sit in `unet/ vae/ text_encoder/ tokenizer/ scheduler/` as safetensors + configs, and
+`llcm.json` adds what diffusers has no field for (trained w range, skipping interval k, the prompts
+and classes the model was trained on, provenance). diffusers' `LatentConsistencyModelPipeline
+.from_pretrained(folder)` loads it and, with guidance_scale = w + 1 and the same generators, gives the
+same images (see tests/test_export.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from llcm import __version__
+from llcm.consistency import ConsistencyModel
+from llcm.errors import UserError
+from llcm.models import Components, encode_prompts, load_components, model_hash
+from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
+from llcm.schedules import Schedule
+
+MAX_BATCH = 64
+MAX_STEPS = 50
+
+
+@dataclass
+class LLCMConfig:
+    """What a consistency model needs beyond its diffusers components."""
+
+    k: int = 20  # skipping interval the model was distilled with
+    w_min: float = 5.0  # trained guidance range (LCM form; SD guidance scale = 1 + w)
+    w_max: float = 15.0
+    w_default: float = 7.0
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    solver: str = "leapfrog"  # the distillation solver, for the record
+    classes: list[str] = field(default_factory=list)  # prompts/classes seen in training
+    source: dict = field(default_factory=dict)  # provenance: recipe, data, hashes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLCMConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # [B, H, W, 3] float32 in [0, 1]
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    w: float
+    timesteps: list[int]
+    model_hash: str
+
+    def pil_images(self):
+        from PIL import Image
+
+        return [Image.fromarray((img * 255).round().clip(0, 255).astype(np.uint8)) for img in self.images]
+
+
+class LLCMPipeline:
+    def __init__(self, components: Components, config: LLCMConfig | None = None, schedule: Schedule | None = None,
+                 name: str = "llcm"):
+        self.components = components
+        self.config = config or LLCMConfig()
+        self.schedule = schedule or Schedule.scaled_linear()
+        self.name = name
+        if not getattr(components.unet.config, "time_cond_proj_dim", None):
+            warnings.warn("this UNet has no guidance embedding (time_cond_proj_dim): w is ignored")
+        self.model = ConsistencyModel(components.unet, self.schedule, components.prediction_type,
+                                      self.config.sigma_data, self.config.timestep_scaling)
+        self._hash: str | None = None
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "LLCMPipeline":
+        """Load a local llcm or diffusers LCM folder (never the network)."""
+        path = Path(path)
+        components = load_components(path)
+        cfg_file = path / "llcm.json"
+        config = LLCMConfig.from_dict(json.loads(cfg_file.read_text())) if cfg_file.exists() else LLCMConfig()
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        schedule = (Schedule.from_diffusers_config(json.loads(sched_file.read_text()))
+                    if sched_file.exists() else Schedule.scaled_linear())
+        return cls(components, config, schedule, name=path.name)
+
+    @property
+    def model_hash(self) -> str:
+        if self._hash is None:
+            self._hash = model_hash(self.components)
+        return self._hash
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.components.unet.parameters()).device
+
+    def default_size(self) -> int:
+        c = self.components
+        return int(c.unet.config.sample_size) * c.vae_scale_factor
+
+    # ----------------------------------------------------------------------------- generation
+    def check_request(self, steps: int, w: float, height: int, width: int, batch: int) -> None:
+        """Raise UserError for a request the model cannot serve; warn for w outside the trained range."""
+        grid_len = self.schedule.num_train_timesteps // self.config.k
+        if not 1 <= steps <= min(MAX_STEPS, grid_len):
+            raise UserError(f"steps must be between 1 and {min(MAX_STEPS, grid_len)}, got {steps}")
+        if not 1 <= batch <= MAX_BATCH:
+            raise UserError(f"batch must be between 1 and {MAX_BATCH}, got {batch}")
+        f = self.components.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % f:
+                raise UserError(f"{name} must be a positive multiple of the VAE factor {f}, got {v}")
+        if w < 0:
+            raise UserError(f"w must be >= 0 (LCM form; guidance scale = 1 + w), got {w}")
+        if not self.config.w_min <= w <= self.config.w_max:
+            warnings.warn(f"w={w} is outside the trained range [{self.config.w_min}, {self.config.w_max}]; "
+                          "images may be over- or under-guided")
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | Sequence[str], steps: int = 4, seeds: Sequence[int] | int | None = None,
+                 w: float | None = None, height: int | None = None, width: int | None = None,
+                 timesteps: Sequence[int] | None = None) -> Generation:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if seeds is None:
+            seeds = 0
+        if isinstance(seeds, int):
+            seeds = [seeds + i for i in range(len(prompts))]
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != len(prompts):
+            raise UserError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        w = self.config.w_default if w is None else float(w)
+        height = height or self.default_size()
+        width = width or self.default_size()
+        self.check_request(steps, w, height, width, len(prompts))
+        c = self.components
+        ts = list(timesteps) if timesteps else consistency_timesteps(steps, self.schedule.num_train_timesteps,
+                                                                     self.config.k)
+        embeds = encode_prompts(c, prompts)
+        shape = (c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
+        z0 = sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts)
+        images = decode_latents(c, z0)
+        return Generation(images, prompts, seeds, steps, w, ts, self.model_hash)
+
+    # ----------------------------------------------------------------------------- saving
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a diffusers LatentConsistencyModelPipeline folder + llcm.json, atomically."""
+        return save_model_folder(self.components, self.schedule, self.config, path, overwrite)
+
+    export = save  # an llcm folder is already a diffusers folder
+
+
+def decode_latents(components: Components, z0: torch.Tensor) -> np.ndarray:
+    """VAE-decode scaled latents to [B, H, W, 3] floats in [0, 1] (as diffusers' image processor does)."""
+    vae = components.vae
+    image = vae.decode(z0.to(vae.dtype) / components.scaling_factor).sample
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return image.cpu().permute(0, 2, 3, 1).float().numpy()
+
+
+def lcm_scheduler_config(schedule: Schedule, prediction_type: str, k: int) -> dict:
+    return {"_class_name": "LCMScheduler", **schedule.to_diffusers_config(), "prediction_type": prediction_type,
+            "original_inference_steps": schedule.num_train_timesteps // k, "timestep_scaling": 10.0,
+            "set_alpha_to_one": True, "clip_sample": False, "thresholding": False, "steps_offset": 0,
+            "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
+
+
+def save_model_folder(components: Components, schedule: Schedule, config: LLCMConfig, path: str | os.PathLike,
+                      overwrite: bool = False, pipeline_class: str = "LatentConsistencyModelPipeline") -> Path:
+    """Save components as a diffusers folder: written to a temporary sibling, then renamed into place."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} exists and is not empty; choose another folder or pass overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        c = components
+        c.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        c.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        c.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        c.tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        sched = lcm_scheduler_config(schedule, c.prediction_type, config.k)
+        sched["_class_name"] = "LCMScheduler" if pipeline_class == "LatentConsistencyModelPipeline" else "DDIMScheduler"
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        index = {
+            "_class_name": pipeline_class, "_diffusers_version": _diffusers_version(),
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", type(c.text_encoder).__name__],
+            "tokenizer": ["transformers", type(c.tokenizer).__name__],
+            "scheduler": ["diffusers", sched["_class_name"]],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        meta = {**config.__dict__, "llcm_version": __version__, "unet_hash": model_hash(c)}
+        (tmp / "llcm.json").write_text(json.dumps(meta, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+def default_model_path() -> Path | None:
+    """The model shipped inside the package (models/default), if this install has it."""
+    p = Path(__file__).parent / "default_model"
+    return p if (p / "model_index.json").exists() else None
+
+
+def load_pipeline(spec: str | None) -> LLCMPipeline:
+    """A pipeline from a local folder, a preset name (untrained weights) or, when None, the default model."""
+    from llcm.models import add_guidance_embedding, build_tiny_components, list_presets, load_preset
+
+    if spec is None:
+        path = default_model_path()
+        if path is None:
+            warnings.warn("no trained default model in this install; using the untrained tiny-cpu preset")
+            spec = "tiny-cpu"
+        else:
+            return LLCMPipeline.from_pretrained(path)
+    p = Path(spec)
+    if p.exists():
+        return LLCMPipeline.from_pretrained(p)
+    if spec in list_presets():
+        preset = load_preset(spec)
+        if preset.get("base") is not None or not preset.get("buildable", spec.startswith("tiny")):
+            raise UserError(f"preset {spec!r} needs a local model folder; pass --model PATH")
+        comps = build_tiny_components(preset, seed=0)
+        comps = dataclasses.replace(comps, unet=add_guidance_embedding(comps.unet))
+        return LLCMPipeline(comps, LLCMConfig(), name=spec)
+    raise UserError(f"model {spec!r} is neither a local folder nor a preset ({', '.join(list_presets())}); "
+                    "llcm never downloads models")

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llcm.pipeline import LLCMConfig, LLCMPipeline
+from llcm.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_student):
+    return LLCMPipeline(tiny_student, LLCMConfig(classes=["axial brain MRI"]), name="tiny")
+
+
+def test_export_round_trip_with_diffusers(pipe, tmp_path):
+    from diffusers import LatentConsistencyModelPipeline
+
+    prompts, seeds, w = ["axial brain MRI", "chest X-ray with a nodule"], [3, 4], 7.0
+    ours = pipe(prompts, steps=4, seeds=seeds, w=w)
+    folder = pipe.export(tmp_path / "model")
+    assert (folder / "model_index.json").exists() and (folder / "llcm.json").exists()
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pkl"))
+    theirs_pipe = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    theirs = theirs_pipe(prompt=prompts, num_inference_steps=4, guidance_scale=w + 1,
+                         generator=[torch.Generator().manual_seed(s) for s in seeds],
+                         output_type="np", height=64, width=64).images
+    assert theirs.shape == ours.images.shape
+    assert np.abs(theirs - ours.images).max() <= 1e-4
+    # and our loader reads the folder back to the same images
+    loaded = LLCMPipeline.from_pretrained(folder)
+    again = loaded(prompts, steps=4, seeds=seeds, w=w)
+    assert np.abs(again.images - ours.images).max() <= 1e-6
+    assert loaded.config.classes == ["axial brain MRI"] and again.model_hash == ours.model_hash
+
+
+def test_save_refuses_to_overwrite(pipe, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.txt").write_text("precious")
+    with pytest.raises(UserError):
+        pipe.save(tmp_path / "m")
+    assert (tmp_path / "m" / "keep.txt").read_text() == "precious"
+
+
+def test_one_step_has_no_noise_injection_and_steps_differ(pipe):
+    one = pipe(["x"], steps=1, seeds=[0]).images
+    four = pipe(["x"], steps=4, seeds=[0]).images
+    assert one.shape == four.shape and not np.allclose(one, four)
+
+
+def test_request_validation(pipe):
+    with pytest.raises(UserError):
+        pipe(["x"], steps=0)
+    with pytest.raises(UserError):
+        pipe(["x"], steps=51)
+    with pytest.raises(UserError):
+        pipe(["x"], height=63)
+    with pytest.raises(UserError):
+        pipe(["x"] * 65)
+    with pytest.warns(UserWarning, match="outside the trained range"):
+        pipe(["x"], w=40.0)
+    pipe([""], steps=1)  # the empty prompt is the unconditional one
