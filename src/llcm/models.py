@@ -276,9 +276,8 @@ def load_components(
     folder = _local_folder(path)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
     if missing:
-        raise UserError(
-            f"{str(folder)!r} is not a diffusers Stable Diffusion folder (missing {', '.join(m + '/' for m in missing)}); {_NO_DOWNLOAD}"
-        )
+        listed = ", ".join(m + "/" for m in missing)
+        raise UserError(f"{str(folder)!r} is not a diffusers SD folder (missing {listed}); {_NO_DOWNLOAD}")
     index_file = folder / "model_index.json"
     if index_file.is_file() and "text_encoder_2" in json.loads(index_file.read_text(encoding="utf-8")):
         raise UserError(f"{str(folder)!r} has two text encoders (SDXL?); llcm supports SD 1.x/2.x folders")
@@ -294,7 +293,9 @@ def load_components(
         diffusers_kwargs["torch_dtype"] = dtype
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **diffusers_kwargs)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **diffusers_kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", variant=variant, local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(
+        folder / "text_encoder", variant=variant, local_files_only=True
+    )
     if dtype is not None:
         text_encoder = text_encoder.to(dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
@@ -357,7 +358,9 @@ def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = 256) -> UNet2D
     output equals the teacher's for every w at initialisation. The teacher is not modified.
     """
     if unet.config.time_cond_proj_dim is not None:
-        raise ValueError(f"this UNet already has a w-embedding (time_cond_proj_dim={unet.config.time_cond_proj_dim})")
+        raise ValueError(
+            f"this UNet already has a w-embedding (time_cond_proj_dim={unet.config.time_cond_proj_dim})"
+        )
     student = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=dim)
     result = student.load_state_dict(unet.state_dict(), strict=False)
     new_keys = {"time_embedding.cond_proj.weight"}

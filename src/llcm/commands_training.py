@@ -1,0 +1,248 @@
+"""`llcm train teacher`, `llcm distill`, `llcm finetune`: thin CLI over llcm.tasks + llcm.training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llcm.errors import UserError
+
+LOOP_HELP = """\
+every training: checkpoints (safetensors) every --checkpoint-every steps and on Ctrl-C/SIGTERM;
+--resume continues from the latest one bit-for-bit; metrics.jsonl (+ TensorBoard if installed) and
+sample grids in OUT; the final model in OUT/model; --dry-run prints the resolved config and stops.
+Several processes: accelerate launch --num_processes N -m llcm.cli ... (same global --batch)."""
+
+
+def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    g = p.add_argument_group("training loop")
+    g.add_argument("--out", required=True, help="run folder (config, checkpoints, samples, model)")
+    g.add_argument("--steps", type=int, default=None, help=f"optimizer steps (preset default: {defaults['steps']})")
+    g.add_argument("--batch", type=int, default=None, help=f"global batch size (default {defaults['batch']})")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-batches")
+    g.add_argument("--lr", type=float, default=None, help=f"learning rate (default {defaults['lr']})")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=500)
+    g.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--dry-run", action="store_true", help="print the configuration and exit")
+    g.add_argument("--preset", default="tiny-cpu", help="named preset for defaults and the tiny architecture "
+                   "(tiny-cpu, sd15, sd21-base)")
+
+
+def loop_config(args: argparse.Namespace, defaults: dict):
+    from llcm.training import TrainConfig
+
+    return TrainConfig(out=args.out, max_steps=args.steps or defaults["steps"], batch_size=args.batch or defaults["batch"],
+                       grad_accum=args.grad_accum, lr=args.lr or defaults["lr"], weight_decay=args.weight_decay,
+                       warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, sample_every=args.sample_every)
+
+
+def preset_defaults(name: str, section: str) -> dict:
+    """Training defaults of a preset section ("teacher", "distill", "finetune"), with llcm's fallbacks."""
+    from llcm.models import load_preset
+
+    preset = load_preset(name)
+    sec = preset.get(section, {})
+    base = {"teacher": {"steps": 2000, "batch": 64, "lr": 2e-4},
+            "distill": {"steps": 1000, "batch": 32, "lr": 1e-4},
+            "finetune": {"steps": 500, "batch": 32, "lr": 5e-5}}[section]
+    return {
+        "steps": sec.get("steps", base["steps"]), "batch": sec.get("global_batch_size", base["batch"]),
+        "lr": sec.get("learning_rate", base["lr"]), "ema_decay": sec.get("ema_decay", 0.95),
+        "k": sec.get("skipping_interval_k", 20), "w_min": sec.get("w_min", 5.0), "w_max": sec.get("w_max", 15.0),
+        "huber_c": sec.get("huber_c", 0.001), "loss": sec.get("loss", "huber"), "preset": preset,
+    }
+
+
+def _load_latents(path: str, components):
+    from llcm.latents import LatentSet
+    from llcm.models import model_hash
+
+    if not Path(path).exists():
+        raise UserError(f"latent cache {path} does not exist; create it with `llcm encode`")
+    return LatentSet.load(path, expect_vae_hash=model_hash(components.vae))
+
+
+def _run(task_factory, args, defaults, section):
+    from llcm.training import train
+
+    cfg = loop_config(args, defaults)
+    task = task_factory()
+    extra = {"command": section, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
+    if not args.dry_run:
+        print(f"{section}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}; "
+              f"model: {summary.get('model', '-')}")
+    return 0 if summary.get("status", "finished") in ("finished", "interrupted") or args.dry_run else 1
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+TEACHER_HELP = """\
+Retrain a Stable-Diffusion-style latent diffusion teacher on cached latents + prompts (the paper's
+"retrained SD"): epsilon or v prediction as the base model has, prompt dropout for classifier-free
+guidance, full fine-tune or LoRA (--lora-rank).
+
+examples:
+  llcm train teacher --latents data/mini-latents --model runs/vae/model --out runs/teacher
+  llcm train teacher --latents lat/ --base ~/models/sd15 --preset sd15 --lora-rank 64 --out runs/t
+"""
+
+
+def register_teacher(train_sub) -> None:
+    d = preset_defaults("tiny-cpu", "teacher")
+    p = train_sub.add_parser("teacher", help="retrain a latent diffusion teacher", description=TEACHER_HELP,
+                             epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latents", required=True, help="latent cache from `llcm encode`")
+    p.add_argument("--base", default=None, help="local diffusers SD folder to fine-tune (default: build the "
+                   "preset's tiny UNet from scratch)")
+    p.add_argument("--model", default=None, help="a model folder whose VAE/text encoder to use with a fresh tiny "
+                   "UNet (e.g. the output of `llcm train vae` plus the preset's text encoder)")
+    p.add_argument("--cond-dropout", type=float, default=0.1, help="prompt dropout for CFG (default 0.1)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights")
+    add_loop_options(p, d)
+    p.set_defaults(func=run_teacher)
+
+
+def teacher_components(args):
+    """The teacher's starting point: a local SD folder, or the preset's tiny architecture (+ a trained VAE)."""
+    import dataclasses
+
+    from llcm.models import build_tiny_components, components_from_preset, load_components, load_preset
+
+    if args.base:
+        return load_components(args.base)
+    preset = load_preset(args.preset)
+    comps = components_from_preset(preset, None, seed=args.seed)
+    if args.model:
+        from diffusers import AutoencoderKL
+
+        folder = Path(args.model)
+        vae_dir = folder / "vae" if (folder / "vae").exists() else folder
+        if not (vae_dir / "config.json").exists():
+            raise UserError(f"{args.model} has no VAE (expected {vae_dir}/config.json)")
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+        comps = dataclasses.replace(comps, vae=vae, scaling_factor=float(vae.config.scaling_factor))
+    return comps
+
+
+def run_teacher(args) -> int:
+    from llcm.tasks import TeacherTask
+
+    d = preset_defaults(args.preset, "teacher")
+    comps = teacher_components(args)
+    data = _load_latents(args.latents, comps)
+    return _run(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank),
+                args, d, "teacher")
+
+
+# ------------------------------------------------------------------------------------------ distill
+
+DISTILL_HELP = """\
+Latent consistency distillation (LLCM): a student initialised from the teacher's UNet plus a
+guidance-scale (w) embedding learns f(z_t) = f(z_hat_s) where z_hat_s = one solver jump of k
+steps on the frozen teacher with CFG (eq. 14). The target network is an EMA of the student.
+
+solvers: leapfrog (the paper's step; identical to ddim, i.e. plain LCM), ddim, midpoint (second-order
+leapfrog-family, 2 teacher calls), dpmpp (DPM-Solver++ 2S). See docs/solvers.md.
+
+examples:
+  llcm distill --teacher runs/teacher/model --latents data/mini-latents --out runs/llcm
+  llcm distill --teacher runs/teacher/model --latents lat/ --solver midpoint --k 20 --w-min 2 --w-max 8 --out runs/m
+  llcm distill --teacher ~/models/sd15 --preset sd15 --latents lat/ --out runs/sd15-llcm   (paper defaults)
+"""
+
+
+def register_distill(sub) -> None:
+    d = preset_defaults("tiny-cpu", "distill")
+    p = sub.add_parser("distill", help="latent consistency distillation (LLCM / LCM)", description=DISTILL_HELP,
+                       epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher model folder (llcm or diffusers SD format)")
+    p.add_argument("--latents", required=True, help="latent cache from `llcm encode` (same VAE as the teacher)")
+    _consistency_options(p, d)
+    p.add_argument("--solver", default="leapfrog", help="ODE solver: leapfrog, ddim, midpoint, dpmpp")
+    p.set_defaults(func=run_distill)
+
+
+def _consistency_options(p, d) -> None:
+    p.add_argument("--k", type=int, default=None, help=f"skipping interval (default {d['k']})")
+    p.add_argument("--w-min", type=float, default=None, help=f"lowest guidance w, LCM form (default {d['w_min']})")
+    p.add_argument("--w-max", type=float, default=None, help=f"highest guidance w (default {d['w_max']})")
+    p.add_argument("--ema", type=float, default=None, help=f"EMA rate of the target network (default {d['ema_decay']})")
+    p.add_argument("--loss", choices=["huber", "l2"], default=None, help=f"distance (default {d['loss']})")
+    p.add_argument("--huber-c", type=float, default=None, help=f"pseudo-Huber c (default {d['huber_c']})")
+    p.add_argument("--lora-rank", type=int, default=0, help="LCM-LoRA style: train LoRA adapters only")
+    add_loop_options(p, d)
+
+
+def _cons_kwargs(args, d) -> dict:
+    pick = lambda v, k: d[k] if v is None else v  # noqa: E731
+    return dict(k=pick(args.k, "k"), w_min=pick(args.w_min, "w_min"), w_max=pick(args.w_max, "w_max"),
+                ema_decay=pick(args.ema, "ema_decay"), metric=pick(args.loss, "loss"),
+                huber_c=pick(args.huber_c, "huber_c"), lora_rank=args.lora_rank)
+
+
+def run_distill(args) -> int:
+    from llcm.models import load_components
+    from llcm.solvers import SOLVERS
+    from llcm.tasks import DistillTask
+
+    if args.solver not in SOLVERS:
+        raise UserError(f"unknown solver {args.solver!r}; choose from {', '.join(SOLVERS)}")
+    d = preset_defaults(args.preset, "distill")
+    teacher = load_components(args.teacher)
+    data = _load_latents(args.latents, teacher)
+    return _run(lambda: DistillTask(teacher, data, solver=args.solver, **_cons_kwargs(args, d)), args, d, "distill")
+
+
+# ------------------------------------------------------------------------------------------ finetune
+
+FINETUNE_HELP = """\
+Latent consistency fine-tuning (LCF, LLCM Algorithm 1): adapt a trained LLCM to a new dataset with
+no teacher. The same noise places each latent at t_n and t_(n+k); the student at t_(n+k) learns to
+match the EMA target at t_n.
+
+example:
+  llcm encode --data data/dog-xray --model runs/llcm/model --out lat/dog
+  llcm finetune --model runs/llcm/model --latents lat/dog --out runs/llcm-dog
+"""
+
+
+def register_finetune(sub) -> None:
+    d = preset_defaults("tiny-cpu", "finetune")
+    p = sub.add_parser("finetune", help="latent consistency fine-tuning (LCF) on a new dataset",
+                       description=FINETUNE_HELP, epilog=LOOP_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a trained LLCM folder")
+    p.add_argument("--latents", required=True, help="latent cache of the new dataset (encoded with this model's VAE)")
+    _consistency_options(p, d)
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args) -> int:
+    import json
+
+    from llcm.models import load_components
+    from llcm.tasks import FinetuneTask
+
+    d = preset_defaults(args.preset, "finetune")
+    model = load_components(args.model)
+    cfg_file = Path(args.model) / "llcm.json"
+    if cfg_file.exists():  # keep the model's own k and w range unless overridden
+        cfg = json.loads(cfg_file.read_text())
+        d = {**d, "k": cfg.get("k", d["k"]), "w_min": cfg.get("w_min", d["w_min"]), "w_max": cfg.get("w_max", d["w_max"])}
+    data = _load_latents(args.latents, model)
+    return _run(lambda: FinetuneTask(model, data, **_cons_kwargs(args, d)), args, d, "finetune")
+
+
+def register(sub) -> None:
+    from llcm.commands_train import train_subparsers
+
+    register_teacher(train_subparsers(sub))
+    register_distill(sub)
+    register_finetune(sub)

@@ -1,0 +1,291 @@
+"""Training tasks for the one loop in llcm.training: what is trained, on what, with which loss.
+
+TeacherTask   - retrain/fine-tune a text-conditioned latent diffusion UNet (full or LoRA), CFG dropout.
+DistillTask   - latent consistency distillation from a frozen teacher with a chosen solver (LLCM / LCM).
+FinetuneTask  - latent consistency fine-tuning (LCF, LLCM Alg. 1) of a trained LLCM, no teacher.
+
+Each task precomputes the text embeddings of its (few) distinct prompts once, and in `draw` makes
+every random choice of a step for the global batch (see llcm.training).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llcm.consistency import ConsistencyModel
+from llcm.errors import UserError
+from llcm.latents import LatentSet
+from llcm.losses import ConsistencyDistillationLoss, ConsistencyFinetuneLoss, DenoiserNet, DenoisingLoss
+from llcm.models import Components, add_guidance_embedding, encode_prompts
+from llcm.schedules import Schedule
+from llcm.solvers import get_solver
+
+Tensor = torch.Tensor
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "time_emb_proj"]
+
+
+@torch.no_grad()
+def prompt_table(components: Components, prompts: list[str], batch: int = 64) -> Tensor:
+    """Embeddings of each distinct prompt, [P, L, D], computed once with the frozen text encoder."""
+    out = [encode_prompts(components, prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
+    return torch.cat(out).float()
+
+
+def add_lora(unet: nn.Module, rank: int) -> nn.Module:
+    """Freeze the UNet and add LoRA adapters (peft) on attention, feed-forward and conv layers."""
+    try:
+        from peft import LoraConfig
+    except ImportError:  # pragma: no cover
+        raise UserError("LoRA needs peft: pip install 'llcm[lora]'") from None
+    unet.requires_grad_(False)
+    names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
+    targets = [t for t in LORA_TARGETS if t.split(".")[-1] in names or t in names]
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+    return unet
+
+
+def merged_unet(unet: nn.Module) -> nn.Module:
+    """A plain UNet (no adapters) whose weights include any LoRA update; the input is left unchanged."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        return unet
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    work = copy.deepcopy(unet)
+    for m in work.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    state = {}
+    for k, v in work.state_dict().items():
+        if "lora_" in k:
+            continue
+        state[k.replace(".base_layer.", ".")] = v
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state)
+    return plain
+
+
+class _PromptData:
+    """Shared data plumbing: latents + prompt table + null embedding."""
+
+    def __init__(self, components: Components, data: LatentSet):
+        if len(data) == 0:
+            raise UserError("the latent cache is empty")
+        data.check_compatible(components.unet)
+        self.components, self.data = components, data
+        table = prompt_table(components, list(data.prompts) + [""])
+        self.embeds, self.null = table[:-1], table[-1:]
+
+    def num_examples(self) -> int:
+        return len(self.data)
+
+
+class TeacherTask(_PromptData):
+    name = "teacher"
+
+    def __init__(self, components: Components, data: LatentSet, schedule: Schedule | None = None,
+                 cond_dropout: float = 0.1, lora_rank: int = 0, sample_prompts: list[str] | None = None):
+        super().__init__(components, data)
+        if components.text_encoder is None:
+            raise UserError("the teacher needs a text encoder (text-conditioned UNet)")
+        if not 0 <= cond_dropout < 1:
+            raise UserError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+        self.schedule = schedule or Schedule.scaled_linear()
+        self.cond_dropout = cond_dropout
+        unet = components.unet
+        unet.train()
+        components.vae.requires_grad_(False)
+        components.text_encoder.requires_grad_(False)
+        if lora_rank:
+            add_lora(unet, lora_rank)
+        self.trainable = DenoiserNet(unet)
+        self.loss_fn = DenoisingLoss(self.schedule, components.prediction_type)
+        self.sample_prompts = sample_prompts or list(dict.fromkeys(data.prompts))[:8]
+
+    def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+        b = len(idx)
+        z0 = self.data.latents[idx]
+        drop = torch.rand(b, generator=gen) < self.cond_dropout
+        embeds = self.embeds[self.data.prompt_index[idx]].clone()
+        embeds[drop] = self.null
+        return {"z0": z0, "noise": torch.randn(z0.shape, generator=gen),
+                "t": torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen), "embeds": embeds}
+
+    def loss(self, net, batch):
+        return self.loss_fn(net, batch)
+
+    def after_step(self) -> None:
+        pass
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def final_components(self) -> Components:
+        return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
+
+    def save_model(self, folder: Path) -> Path:
+        from llcm.pipeline import LLCMConfig, save_model_folder
+
+        cfg = LLCMConfig(classes=list(dict.fromkeys(self.data.prompts)), source={"task": "teacher"})
+        return save_model_folder(self.final_components(), self.schedule, cfg, folder, overwrite=True,
+                                 pipeline_class="StableDiffusionPipeline")
+
+    @torch.no_grad()
+    def sample_grid(self):
+        from llcm.commands_generate import make_grid
+        from llcm.pipeline import decode_latents
+        from llcm.sampling import cfg_denoiser, make_generators, sample_ode, teacher_timesteps
+
+        c = self.components
+        unet = self.trainable.unet
+        was = unet.training
+        unet.eval()
+        p = self.sample_prompts
+        emb = prompt_table(c, p)
+        den = cfg_denoiser(unet, self.schedule, c.prediction_type, emb, self.null.expand_as(emb), 4.0)
+        shape = tuple(self.data.latents.shape[1:])
+        z = sample_ode(den, self.schedule, "ddim", make_generators(range(len(p))), shape, teacher_timesteps(20),
+                       device=self.data.latents.device)
+        unet.train(was)
+        from PIL import Image
+        import numpy as np
+
+        imgs = decode_latents(c, z)
+        return make_grid([Image.fromarray((i * 255).round().astype(np.uint8)) for i in imgs])
+
+
+class _ConsistencyTask(_PromptData):
+    """Shared by distillation and LCF: student f_theta with w input, EMA target f_theta^-."""
+
+    def __init__(self, components: Components, data: LatentSet, schedule: Schedule | None, k: int,
+                 w_min: float, w_max: float, ema_decay: float, lora_rank: int, student_unet: nn.Module):
+        super().__init__(components, data)
+        self.schedule = schedule or Schedule.scaled_linear()
+        n = self.schedule.num_train_timesteps
+        if not 1 <= k < n:
+            raise UserError(f"skipping interval k={k} must be between 1 and {n - 1} (schedule length {n})")
+        if w_min > w_max:
+            raise UserError(f"w_min ({w_min}) must not exceed w_max ({w_max})")
+        if w_min < 0:
+            raise UserError(f"w_min must be >= 0 (LCM form), got {w_min}")
+        if not 0 <= ema_decay < 1:
+            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.k, self.w_min, self.w_max, self.ema_decay = k, w_min, w_max, ema_decay
+        self.grid = self.schedule.skipping_grid(k)
+        if lora_rank:
+            add_lora(student_unet, lora_rank)
+            cond_proj = getattr(student_unet.time_embedding, "cond_proj", None)
+            if cond_proj is not None:  # the w embedding is new: it trains in full
+                cond_proj.requires_grad_(True)
+        student_unet.train()
+        pt = components.prediction_type
+        self.trainable = ConsistencyModel(student_unet, self.schedule, pt)
+        self.target = ConsistencyModel(copy.deepcopy(student_unet), self.schedule, pt).requires_grad_(False)
+        self.target.eval()
+        self.sample_prompts = list(dict.fromkeys(data.prompts))[:8]
+
+    def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+        b = len(idx)
+        z0 = self.data.latents[idx]
+        n = torch.randint(0, len(self.grid), (b,), generator=gen)
+        t = self.grid[n]
+        return {"z0": z0, "noise": torch.randn(z0.shape, generator=gen), "t": t, "s": (t - self.k).clamp(min=0),
+                "w": self.w_min + (self.w_max - self.w_min) * torch.rand(b, generator=gen),
+                "embeds": self.embeds[self.data.prompt_index[idx]],
+                "null_embeds": self.null.expand(b, -1, -1)}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        # theta^- <- stopgrad(mu theta^- + (1 - mu) theta)
+        for p_t, p in zip(self.target.parameters(), self.trainable.parameters()):
+            p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - self.ema_decay)
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {"target": self.target}
+
+    def final_components(self) -> Components:
+        return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
+
+    def llcm_config(self):
+        from llcm.pipeline import LLCMConfig
+
+        return LLCMConfig(k=self.k, w_min=self.w_min, w_max=self.w_max,
+                          w_default=round(min(max(7.0, self.w_min), self.w_max), 3),
+                          solver=getattr(self, "solver_name", "none (LCF)"),
+                          classes=list(dict.fromkeys(self.data.prompts)),
+                          source={"task": self.name, "data": self.data.meta.get("source", "")})
+
+    def save_model(self, folder: Path) -> Path:
+        from llcm.pipeline import save_model_folder
+
+        return save_model_folder(self.final_components(), self.schedule, self.llcm_config(), folder, overwrite=True)
+
+    @torch.no_grad()
+    def sample_grid(self):
+        import numpy as np
+        from PIL import Image
+
+        from llcm.commands_generate import make_grid
+        from llcm.pipeline import decode_latents
+        from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
+
+        model = self.trainable
+        was = model.training
+        model.eval()
+        p = self.sample_prompts
+        emb = prompt_table(self.components, p)
+        shape = tuple(self.data.latents.shape[1:])
+        w = 0.5 * (self.w_min + self.w_max)
+        z = sample_consistency(model, emb, w, make_generators(range(len(p))), shape,
+                               consistency_timesteps(4, self.schedule.num_train_timesteps, self.k))
+        model.train(was)
+        imgs = decode_latents(self.components, z)
+        return make_grid([Image.fromarray((i * 255).round().astype(np.uint8)) for i in imgs])
+
+
+class DistillTask(_ConsistencyTask):
+    name = "distill"
+
+    def __init__(self, teacher: Components, data: LatentSet, solver: str = "leapfrog", k: int = 20,
+                 w_min: float = 5.0, w_max: float = 15.0, ema_decay: float = 0.95, metric: str = "huber",
+                 huber_c: float = 0.001, lora_rank: int = 0, schedule: Schedule | None = None,
+                 guidance_dim: int = 256):
+        if teacher.text_encoder is None:
+            raise UserError("distillation needs a text-conditioned teacher (no text encoder found)")
+        self.solver_name = solver
+        solver_fn = get_solver(solver)
+        teacher.unet.requires_grad_(False).eval()
+        teacher.vae.requires_grad_(False)
+        teacher.text_encoder.requires_grad_(False)
+        student = add_guidance_embedding(teacher.unet, guidance_dim)
+        if lora_rank:
+            student.requires_grad_(False)
+        super().__init__(teacher, data, schedule, k, w_min, w_max, ema_decay, lora_rank, student)
+        self.loss_fn = ConsistencyDistillationLoss(teacher.unet, self.target, solver_fn, self.schedule,
+                                                   teacher.prediction_type, metric, huber_c)
+
+    def loss(self, net, batch):
+        return self.loss_fn(net, batch)
+
+
+class FinetuneTask(_ConsistencyTask):
+    name = "finetune"
+
+    def __init__(self, model: Components, data: LatentSet, k: int = 20, w_min: float = 5.0, w_max: float = 15.0,
+                 ema_decay: float = 0.95, metric: str = "huber", huber_c: float = 0.001, lora_rank: int = 0,
+                 schedule: Schedule | None = None):
+        if not getattr(model.unet.config, "time_cond_proj_dim", None):
+            raise UserError("LCF fine-tunes a trained LLCM/LCM (a UNet with a guidance embedding); "
+                            "this model has none: distil it first with `llcm distill`")
+        model.vae.requires_grad_(False)
+        model.text_encoder.requires_grad_(False)
+        super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet)
+        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c)
+
+    def loss(self, net, batch):
+        return self.loss_fn(net, batch)

@@ -1,0 +1,361 @@
+"""ONE training loop for every llcm training: VAE, teacher, consistency distillation and LCF.
+
+Only the *task* changes: a task owns its networks and a loss callable; the loop owns optimisation,
+devices and processes (accelerate), gradient accumulation, checkpoints (safetensors only) with
+resume, SIGINT/SIGTERM handling, NaN guards, logging (metrics.jsonl, TensorBoard when installed),
+sample grids and the progress bar.
+
+Determinism: every random draw of step n comes from a generator seeded with (seed, n) and is made
+for the whole *global* batch before each process takes its slice. So a run resumed from a
+checkpoint, or split over several processes, sees exactly the same batches and noise as one
+uninterrupted single-process run (tests/test_training.py checks both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llcm.errors import UserError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    max_steps: int = 1000
+    batch_size: int = 32  # global batch (all processes, all accumulation micro-batches)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise UserError("batch_size and grad_accum must be >= 1")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+class Task(Protocol):
+    """What a training run optimises. See llcm.tasks for the implementations."""
+
+    name: str
+    trainable: nn.Module  # the module whose trainable parameters the optimiser updates
+
+    def num_examples(self) -> int: ...
+
+    def loss(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Per-sample loss [b] for a (local) batch; `net` is `trainable`, possibly wrapped for processes."""
+
+    def draw(self, indices: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+        """The global batch for `indices`: data rows plus every random draw (noise, t, w, dropout)."""
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (e.g. the EMA target update)."""
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        """Modules saved in checkpoints besides `trainable` (e.g. an EMA target)."""
+
+    def save_model(self, folder: Path) -> Path:
+        """Write the final model folder."""
+
+    def sample_grid(self):  # -> PIL.Image | None
+        ...
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
+    """Indices of the global batch of `step`: epoch-wise random permutations, deterministic in (seed, step)."""
+    per_epoch = max(1, n // batch)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    idx = perm[pos * batch:(pos + 1) * batch]
+    if len(idx) < batch:  # fewer examples than one batch: sample with repetition
+        idx = torch.cat([idx, perm[torch.randint(n, (batch - len(idx),), generator=step_generator(seed, step, 9))]])
+    return idx
+
+
+def slice_batch(batch: dict[str, Tensor], start: int, stop: int) -> dict[str, Tensor]:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for pid, s in state["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                meta["scalars"][f"{pid}.{k}"] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _module_state(m: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
+
+
+def save_checkpoint(folder: Path, step: int, task: Task, trainable: nn.Module, optimizer, scheduler,
+                    config: TrainConfig) -> Path:
+    """Write checkpoint-<step>/ atomically: safetensors for weights and optimiser moments, JSON for the rest."""
+    final = folder / f"checkpoint-{step:07d}"
+    tmp = folder / f".tmp-checkpoint-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_module_state(trainable), str(tmp / "trainable.safetensors"))
+    for name, m in task.state_modules().items():
+        save_file(_module_state(m), str(tmp / f"{name}.safetensors"))
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                "config": dataclasses.asdict(config), "task": task.name}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    cks = sorted(p for p in folder.glob("checkpoint-*") if (p / "state.json").exists())
+    return cks[-1] if cks else None
+
+
+def load_checkpoint(path: Path, task: Task, trainable: nn.Module, optimizer, scheduler) -> int:
+    trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
+    for name, m in task.state_modules().items():
+        m.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                   json.loads((path / "optimizer.json").read_text())))
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+class _StopFlag:
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+def _writer(out: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: metrics.jsonl only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool = False,
+          accelerator=None, extra_config: dict | None = None) -> dict[str, Any]:
+    """Run (or resume) a training; returns a summary. The final model goes to <out>/model."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    config.validate()
+    acc = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank = acc.num_processes, acc.process_index
+    local_batch, rem = divmod(config.batch_size, world * config.grad_accum)
+    if rem or local_batch < 1:
+        raise UserError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
+                        f"({world} x {config.grad_accum})")
+    out = Path(config.out)
+    record = {"task": task.name, "train": dataclasses.asdict(config), "processes": world,
+              "device": str(acc.device), **(extra_config or {})}
+    if acc.is_main_process:
+        print(json.dumps(record, indent=2, default=str))
+    if dry_run:
+        return {"dry_run": True, "config": record}
+    if acc.is_main_process:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+        (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
+    n = task.num_examples()
+    if n < 1:
+        raise UserError("the dataset is empty")
+
+    trainable = task.trainable
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
+                                  weight_decay=config.weight_decay)
+    warm = max(1, config.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    model, optimizer = acc.prepare(trainable, optimizer)
+
+    step = 0
+    ck = latest_checkpoint(out / "checkpoints") if resume else None
+    if ck is not None:
+        step = load_checkpoint(ck, task, acc.unwrap_model(model), optimizer, scheduler)
+        if acc.is_main_process:
+            print(f"resumed from {ck} at step {step}")
+    elif resume and acc.is_main_process:
+        print(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+
+    stop = _StopFlag()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if acc.is_main_process and \
+        _in_main_thread() else {}
+    writer = _writer(out, acc.is_main_process)
+    log_file = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
+    bar = tqdm(total=config.max_steps, initial=step, desc=task.name, disable=not (config.progress and
+               acc.is_main_process), dynamic_ncols=True)
+    last_loss, t_last, seen_since = float("nan"), time.perf_counter(), 0
+    status = "finished"
+    try:
+        while step < config.max_steps:
+            gen = step_generator(config.seed, step)
+            idx = batch_indices(n, config.batch_size, step, config.seed)
+            batch = task.draw(idx, gen)
+            local = slice_batch(batch, rank * local_batch * config.grad_accum,
+                                (rank + 1) * local_batch * config.grad_accum)
+            total = torch.zeros((), device=acc.device)
+            for micro in range(config.grad_accum):
+                mb = {k: v.to(acc.device) for k, v in slice_batch(local, micro * local_batch,
+                                                                  (micro + 1) * local_batch).items()}
+                sync = micro == config.grad_accum - 1
+                ctx = acc.no_sync(model) if not sync and world > 1 else _nullctx()
+                with ctx, acc.autocast():
+                    loss = task.loss(model, mb).mean() / config.grad_accum
+                    acc.backward(loss)
+                total += loss.detach()
+            loss_value = float(acc.reduce(total, reduction="mean"))
+            if not math.isfinite(loss_value):
+                status = "nan"
+                raise FloatingPointError(
+                    f"loss became {loss_value} at step {step}; stopped. The last good checkpoint in "
+                    f"{out / 'checkpoints'} is kept: resume with a lower learning rate (--lr) or fp32")
+            grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm) \
+                if config.max_grad_norm > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            task.after_step()
+            step += 1
+            seen_since += config.batch_size
+            last_loss = loss_value
+            if acc.is_main_process:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4g}")
+                if step % config.log_every == 0 or step == config.max_steps:
+                    now = time.perf_counter()
+                    rec = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm), "images_per_s": seen_since / max(now - t_last, 1e-9)}
+                    t_last, seen_since = now, 0
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    if writer:
+                        for k, v in rec.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, step)
+                if config.sample_every and step % config.sample_every == 0:
+                    _save_sample(task, out, step, writer)
+            if step % config.checkpoint_every == 0 or step == config.max_steps or stop.signal:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    save_checkpoint(out / "checkpoints", step, task, acc.unwrap_model(model), optimizer,
+                                    scheduler, config)
+                    _prune(out / "checkpoints", config.keep_checkpoints)
+            if stop.signal:
+                status = "interrupted"
+                if acc.is_main_process:
+                    print(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved. "
+                          "Continue with --resume.", file=sys.stderr)
+                break
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if log_file:
+            log_file.close()
+    summary = {"task": task.name, "status": status, "step": step, "loss": last_loss, "out": str(out)}
+    if status == "finished":
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            folder = task.save_model(out / "model")
+            summary["model"] = str(folder)
+            _save_sample(task, out, step, writer)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if writer:
+        writer.close()
+    return summary
+
+
+def _save_sample(task: Task, out: Path, step: int, writer) -> None:
+    img = task.sample_grid()
+    if img is None:
+        return
+    (out / "samples").mkdir(exist_ok=True)
+    img.save(out / "samples" / f"step-{step:07d}.png")
+    if writer:
+        import numpy as np
+
+        writer.add_image("samples", np.asarray(img), step, dataformats="HWC")
+
+
+def _prune(folder: Path, keep: int) -> None:
+    cks = sorted(p for p in folder.glob("checkpoint-*"))
+    for p in cks[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
