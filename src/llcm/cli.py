@@ -15,6 +15,9 @@ from llcm.errors import UserError
 # Modules that add subcommands, in the order they appear in `llcm --help`.
 COMMAND_MODULES = [
     "llcm.data.cli",
+    "llcm.commands_train",
+    "llcm.commands_vae",
+    "llcm.commands_training",
     "llcm.commands_generate",
 ]
 

@@ -1,0 +1,414 @@
+"""A small diffusers AutoencoderKL trained on a dataset's images, and the image-folder reading it needs.
+
+What lives here:
+
+* :func:`scan_split` / :func:`load_pixels`: the rows of an HF imagefolder split (``DIR/<split>/
+  metadata.jsonl`` with ``file_name`` relative to the split folder, ``text``, ``class``; what
+  ``llcm data build`` writes) checked once (every file readable, one image size, a multiple of the
+  VAE factor) and hashed (metadata + file bytes), then decoded to uint8 RGB [N, 3, H, W].
+* :class:`VAEModel` (the trainable: x, eps -> reconstruction, KL), :class:`VAELoss`
+  (L1 + L2 + KL) and :class:`VAETask`, the task that ``llcm.training.train`` runs.
+* :func:`latent_scaling_factor`, :func:`reconstruction_psnr`, :func:`load_vae`.
+
+Choices, and why:
+
+* **Loss** per image: ``mean|x - x_hat| + mean (x - x_hat)^2 + kl_weight * KL / D`` with D the number
+  of pixel values (3HW) and KL summed over latent elements. Dividing the KL by D makes
+  ``kl_weight`` mean the same as in the LDM / Stable Diffusion autoencoder recipe (reconstruction
+  and KL both summed per image, kl_weight 1e-6), hence the default 1e-6: the KL only has to keep
+  the posterior from collapsing to a point and the latents from drifting to huge values; a larger
+  weight (1e-4 and up) visibly blurs reconstructions of small medical structures. The latent scale
+  itself is fixed afterwards by the scaling factor, not by the KL.
+* **No perceptual (LPIPS) or adversarial term**: both need a pretrained feature network, which
+  cannot be downloaded here; reconstructions are therefore somewhat blurrier than SD's VAE.
+* **Scaling factor** = 1 / std of the *posterior means* of all train images (all elements pooled,
+  as SD's 0.18215 was measured), because ``llcm encode`` caches posterior means: the cached latents
+  of the train split then have std 1 exactly.
+* **PSNR** is measured on the test split (train when there is none) with the posterior mean, on
+  [0, 1] pixels, averaged over images; beside it, the PSNR of predicting the train mean image,
+  the trivial baseline a VAE must beat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llcm.errors import UserError
+
+Tensor = torch.Tensor
+
+DEFAULT_KL_WEIGHT = 1e-6
+
+
+# ---------------------------------------------------------------------------------------- images
+
+@dataclass
+class ImageSplit:
+    """One checked split of an imagefolder dataset (pixels are loaded separately, on demand)."""
+
+    root: Path  # the dataset folder
+    split: str
+    files: list[Path]
+    texts: list[str]
+    classes: list[str]
+    height: int
+    width: int
+    data_hash: str  # sha256 over metadata rows (file_name, text, class) and file bytes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _rows(root: Path, split: str) -> list[dict]:
+    try:
+        from llcm.data import read_split
+    except ImportError:  # pragma: no cover - the builder package is part of llcm
+        read_split = None
+    try:
+        if read_split is not None:
+            rows = read_split(root, split)
+        else:  # pragma: no cover
+            rows = [json.loads(x) for x in (root / split / "metadata.jsonl").read_text("utf-8").splitlines()
+                    if x.strip()]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise UserError(f"{root / split / 'metadata.jsonl'} is not valid JSON lines: {exc}") from None
+    for row in rows:
+        if "file_name" not in row:
+            raise UserError(f"{root / split / 'metadata.jsonl'}: a row has no file_name")
+        if not row.get("path"):
+            row["path"] = str(root / split / row["file_name"])
+    return rows
+
+
+def scan_split(data_dir: str | os.PathLike, split: str = "train", factor: int = 1) -> ImageSplit:
+    """Check and hash a split: every image readable, all one size, sides a multiple of ``factor``."""
+    from PIL import Image
+
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {data_dir}")
+    meta = root / split / "metadata.jsonl"
+    if not meta.is_file():
+        raise UserError(f"{data_dir} has no {split!r} split ({split}/metadata.jsonl is missing); "
+                        "make a dataset with `llcm data build` or `llcm data mini`")
+    rows = _rows(root, split)
+    if not rows:
+        raise UserError(f"no images in the {split!r} split of {data_dir} ({meta} lists none)")
+    digest = hashlib.sha256()
+    files, texts, classes, sizes = [], [], [], {}
+    for row in rows:
+        path = Path(row["path"])
+        text = str(row.get("text", row.get("class", "")))
+        cls = str(row.get("class", text))
+        try:
+            data = path.read_bytes()
+            with Image.open(path) as im:
+                size = im.size  # (w, h), read from the header only
+        except FileNotFoundError:
+            raise UserError(f"image listed in {meta} not found: {path}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+        digest.update(json.dumps([row["file_name"], text, cls]).encode())
+        digest.update(hashlib.sha256(data).digest())
+        sizes.setdefault(size, path)
+        files.append(path)
+        texts.append(text)
+        classes.append(cls)
+    if len(sizes) > 1:
+        (s1, p1), (s2, p2) = list(sizes.items())[:2]
+        raise UserError(f"images have different sizes ({p1.name} is {s1[0]}x{s1[1]}, {p2.name} is {s2[0]}x{s2[1]}); "
+                        "build the dataset with one --size (llcm data build crops squares)")
+    (w, h), = sizes
+    if h % factor or w % factor:
+        raise UserError(f"image size {w}x{h} is not a multiple of the VAE factor {factor}; "
+                        f"rebuild the dataset with --size a multiple of {factor}")
+    return ImageSplit(root, split, files, texts, classes, h, w, digest.hexdigest()[:16])
+
+
+def load_pixels(split: ImageSplit, indices: list[int] | range | None = None) -> Tensor:
+    """Decode images to RGB uint8 [n, 3, H, W] (grayscale is repeated on the three channels)."""
+    from PIL import Image
+
+    idx = range(len(split)) if indices is None else indices
+    out = torch.empty((len(idx), 3, split.height, split.width), dtype=torch.uint8)
+    for j, i in enumerate(idx):
+        with Image.open(split.files[i]) as im:
+            arr = np.asarray(im.convert("RGB"))
+        if arr.shape[:2] != (split.height, split.width):
+            raise UserError(f"{split.files[i]} changed size since the dataset was scanned")
+        out[j] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return out
+
+
+def to_model_range(pixels: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the VAE's input range."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def writable_folder(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that a file can be written in it."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".llcm-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ VAEs
+
+def vae_factor(vae) -> int:
+    """Pixels per latent cell along one side: 2^(levels - 1) (8 for SD, 4 for tiny-cpu)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_vae(config: dict, seed: int = 0):
+    """A random-weight AutoencoderKL from a config (e.g. a preset's "vae" entry); the global RNG is untouched."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL.from_config(config)
+
+
+def find_vae_folder(path: str | os.PathLike) -> Path:
+    """The AutoencoderKL folder inside ``path``: ``path/vae`` (a full model), ``path/model`` (a `llcm train vae`
+    run) or ``path`` itself (a bare VAE folder)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {path} (llcm never downloads weights: pass a local folder)")
+    for cand in (folder / "vae", folder / "model", folder):
+        cfg = cand / "config.json"
+        if cfg.is_file():
+            try:
+                cls = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name")
+            except json.JSONDecodeError:
+                continue
+            if cls == "AutoencoderKL":
+                return cand
+    raise UserError(f"{path} holds no AutoencoderKL (expected vae/config.json, model/config.json or "
+                    "config.json with _class_name AutoencoderKL)")
+
+
+def load_vae(path: str | os.PathLike):
+    """Load an AutoencoderKL from a local folder (see :func:`find_vae_folder`), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    folder = find_vae_folder(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the VAE in {folder}: {exc}") from None
+    return vae.eval()
+
+
+def vae_hash(vae) -> str:
+    """Digest of the VAE weights (:func:`llcm.models.model_hash`); the scaling factor is recorded apart."""
+    from llcm.models import model_hash
+
+    return model_hash(vae)
+
+
+@torch.no_grad()
+def posterior_means(vae, pixels: Tensor, batch: int = 32, progress: bool = False, desc: str = "encode") -> Tensor:
+    """Posterior means E[z | x] (unscaled) of uint8 images, batch by batch, on the VAE's device."""
+    from tqdm.auto import tqdm
+
+    dev, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    out = []
+    for i in tqdm(range(0, len(pixels), batch), desc=desc, disable=not progress, dynamic_ncols=True):
+        x = to_model_range(pixels[i:i + batch]).to(dev, dtype)
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, pixels: Tensor, batch: int = 32) -> tuple[float, dict]:
+    """1 / std of the posterior means of ``pixels`` (all elements pooled), and the statistics behind it."""
+    z = posterior_means(vae, pixels, batch)
+    std = float(z.std())
+    if not math.isfinite(std) or std < 1e-8:
+        raise UserError(f"the VAE's latents have std {std}: training collapsed; retrain with a lower --lr")
+    return 1.0 / std, {"latent_std": std, "latent_mean": float(z.mean()), "images": len(pixels)}
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [0, 1]: 10 log10(1 / MSE)."""
+    mse = (x.float() - y.float()).square().flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def reconstruct(vae, pixels: Tensor, batch: int = 32) -> Tensor:
+    """Decode(posterior mean) of uint8 images, as floats in [0, 1] [n, 3, H, W]."""
+    dev, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    out = []
+    for i in range(0, len(pixels), batch):
+        x = to_model_range(pixels[i:i + batch]).to(dev, dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((rec.float().clamp(-1, 1) + 1) / 2).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, pixels: Tensor, batch: int = 32) -> float:
+    """Mean over images of the PSNR (dB) of deterministic reconstructions (posterior mean)."""
+    return float(psnr(reconstruct(vae, pixels, batch), pixels.float() / 255).mean())
+
+
+def mean_image_psnr(train_pixels: Tensor, eval_pixels: Tensor) -> float:
+    """PSNR of predicting the train mean image for every eval image: the trivial baseline."""
+    mean = train_pixels.float().mean(0, keepdim=True) / 255
+    return float(psnr(mean.expand(len(eval_pixels), -1, -1, -1), eval_pixels.float() / 255).mean())
+
+
+# ---------------------------------------------------------------------------------- training task
+
+class VAEModel(nn.Module):
+    """The trainable: (x, eps) -> (reconstruction, KL per image); eps is drawn by the task (reproducible)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        # z = mu + sigma * eps, eps ~ N(0, I)  (reparameterisation, Kingma & Welling 2014)
+        z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        # KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum(mu^2 + sigma^2 - 1 - log sigma^2)
+        return self.vae.decode(z).sample, posterior.kl()
+
+
+class VAELoss:
+    """Per-image loss: mean|x - x_hat| + mean (x - x_hat)^2 + kl_weight * KL / (3HW) (LDM's weighting)."""
+
+    def __init__(self, kl_weight: float = DEFAULT_KL_WEIGHT):
+        if kl_weight < 0:
+            raise UserError(f"kl_weight must be >= 0, got {kl_weight}")
+        self.kl_weight = kl_weight
+
+    def __call__(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        x = batch["x"]
+        recon, kl = net(x, batch["noise"])
+        err = (recon.float() - x.float()).flatten(1)
+        return err.abs().mean(1) + err.square().mean(1) + self.kl_weight * kl.float() / err.shape[1]
+
+
+class VAETask:
+    """Train an AutoencoderKL on uint8 images held in memory (tiny datasets: N x 3 x H x W bytes)."""
+
+    name = "vae"
+
+    def __init__(self, vae, train_pixels: Tensor, eval_pixels: Tensor | None = None, eval_split: str = "test",
+                 kl_weight: float = DEFAULT_KL_WEIGHT, steps: int = 0, source: dict | None = None):
+        if train_pixels.dtype != torch.uint8 or train_pixels.ndim != 4 or train_pixels.shape[1] != 3:
+            raise ValueError("train_pixels must be uint8 [N, 3, H, W]")
+        f = vae_factor(vae)
+        h, w = train_pixels.shape[-2:]
+        if h % f or w % f:
+            raise UserError(f"image size {w}x{h} is not a multiple of the VAE factor {f}")
+        if eval_pixels is None or len(eval_pixels) == 0:
+            eval_pixels, eval_split = train_pixels, "train"
+        self.train_pixels, self.eval_pixels, self.eval_split = train_pixels, eval_pixels, eval_split
+        self.latent_shape = (int(vae.config.latent_channels), h // f, w // f)
+        self.loss_fn = VAELoss(kl_weight)
+        self.steps, self.source = steps, source or {}
+        vae.train()
+        self.trainable = VAEModel(vae)
+        self.report: dict | None = None
+
+    def num_examples(self) -> int:
+        return len(self.train_pixels)
+
+    def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+        x = to_model_range(self.train_pixels[idx])
+        return {"x": x, "noise": torch.randn((len(idx), *self.latent_shape), generator=gen)}
+
+    def loss(self, net, batch):
+        return self.loss_fn(net, batch)
+
+    def after_step(self) -> None:
+        pass
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def evaluate(self) -> dict:
+        """Scaling factor from the train latents, reconstruction PSNR on the eval split."""
+        vae = self.trainable.vae
+        was = vae.training
+        vae.eval()
+        try:
+            scale, stats = latent_scaling_factor(vae, self.train_pixels)
+            result = {
+                "psnr_db": round(reconstruction_psnr(vae, self.eval_pixels), 4),
+                "psnr_split": self.eval_split,
+                "psnr_images": len(self.eval_pixels),
+                "baseline_mean_image_psnr_db": round(mean_image_psnr(self.train_pixels, self.eval_pixels), 4),
+                "scaling_factor": scale,
+                "scaling_factor_from": f"1/std of posterior means of {stats['images']} train images",
+                "latent_std_unscaled": stats["latent_std"],
+                "latent_mean_unscaled": stats["latent_mean"],
+            }
+        finally:
+            vae.train(was)
+        return result
+
+    def save_model(self, folder: Path) -> Path:
+        """`folder` becomes a diffusers AutoencoderKL folder (safetensors, scaling factor in its config)
+        plus vae_report.json; written beside it and renamed into place."""
+        vae = self.trainable.vae
+        ev = self.evaluate()
+        vae.register_to_config(scaling_factor=ev["scaling_factor"])
+        h, w = self.train_pixels.shape[-2:]
+        if h == w:
+            vae.register_to_config(sample_size=int(h))
+        report = {**ev, "steps": self.steps, "kl_weight": self.loss_fn.kl_weight,
+                  "loss": "L1 + L2 + kl_weight * KL / (3HW); no perceptual term (no offline feature network)",
+                  "image_size": [int(h), int(w)], "latent_shape": list(self.latent_shape),
+                  "train_images": len(self.train_pixels), "vae_hash": vae_hash(vae), **self.source}
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            vae.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "vae_report.json").write_text(json.dumps(report, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.report = report
+        return folder
+
+    @torch.no_grad()
+    def sample_grid(self):
+        """Top row: eval images; bottom row: their reconstructions."""
+        from PIL import Image
+
+        from llcm.commands_generate import make_grid
+
+        vae = self.trainable.vae
+        was = vae.training
+        vae.eval()
+        px = self.eval_pixels[:8]
+        rec = reconstruct(vae, px)
+        vae.train(was)
+        orig = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in px]
+        recs = [Image.fromarray((r.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for r in rec]
+        return make_grid(orig + recs, cols=len(px))

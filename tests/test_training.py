@@ -1,0 +1,150 @@
+"""Training: learning (not just running), bit-identical resume, multi-process equivalence, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llcm.models import load_components
+from llcm.sampling import cfg_denoiser, consistency_timesteps, make_generators, sample_consistency, sample_ode
+from llcm.consistency import ConsistencyModel
+from llcm.schedules import Schedule
+from llcm.tasks import DistillTask, FinetuneTask, TeacherTask, prompt_table
+from llcm.training import TrainConfig, train
+from train_worker import PROMPTS, micro_components, micro_data
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)])}
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TrainConfig(out=str(out), max_steps=150, batch_size=16, lr=2e-3, log_every=10, checkpoint_every=1000,
+                      progress=False)
+    train(TeacherTask(micro_components(), micro_data()), cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def distill_run(teacher_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill")
+    task = DistillTask(load_components(teacher_run / "model"), micro_data(), solver="ddim", k=100,
+                       w_min=0.0, w_max=1.0, metric="l2", ema_decay=0.9)
+    cfg = TrainConfig(out=str(out), max_steps=150, batch_size=16, lr=1e-3, log_every=10, checkpoint_every=1000,
+                      progress=False)
+    train(task, cfg)
+    return out
+
+
+def test_teacher_loss_falls(teacher_run):
+    ls = losses(teacher_run)
+    assert sum(ls[-3:]) / 3 < 0.6 * sum(ls[:2]) / 2, ls
+    assert (teacher_run / "model" / "model_index.json").exists()
+    assert list((teacher_run / "samples").glob("*.png"))
+
+
+def test_distillation_loss_falls(distill_run):
+    ls = losses(distill_run)
+    assert sum(ls[-3:]) / 3 < 0.5 * sum(ls[:2]) / 2, ls
+    meta = json.loads((distill_run / "model" / "llcm.json").read_text())
+    assert meta["solver"] == "ddim" and meta["k"] == 100 and meta["classes"] == PROMPTS
+
+
+def _nearest_distance(samples: torch.Tensor, data: torch.Tensor) -> float:
+    d = torch.cdist(samples.flatten(1), data.flatten(1))
+    return float(d.min(1).values.mean())
+
+
+def test_distilled_one_step_is_closer_to_data_than_teacher_one_step(teacher_run, distill_run):
+    data = micro_data()
+    sched = Schedule.scaled_linear()
+    teacher = load_components(teacher_run / "model")
+    student = load_components(distill_run / "model")
+    prompts = [p for p in PROMPTS for _ in range(8)]
+    seeds = list(range(len(prompts)))
+    emb = prompt_table(teacher, prompts)
+    null = prompt_table(teacher, [""]).expand_as(emb)
+    shape = tuple(data.latents.shape[1:])
+    with torch.no_grad():
+        den = cfg_denoiser(teacher.unet, sched, "epsilon", emb, null, 0.5)
+        t1 = sample_ode(den, sched, "ddim", make_generators(seeds), shape, [999])
+        f = ConsistencyModel(student.unet, sched)
+        s1 = sample_consistency(f, prompt_table(student, prompts), 0.5, make_generators(seeds), shape, [999])
+    by_class = [data.latents[data.prompt_index == i] for i in range(len(PROMPTS))]
+    dist_t = sum(_nearest_distance(t1[i * 8:(i + 1) * 8], by_class[i]) for i in range(len(PROMPTS)))
+    dist_s = sum(_nearest_distance(s1[i * 8:(i + 1) * 8], by_class[i]) for i in range(len(PROMPTS)))
+    assert dist_s < 0.9 * dist_t, (dist_s, dist_t)
+
+
+def test_lcf_runs_and_learns(distill_run, tmp_path):
+    task = FinetuneTask(load_components(distill_run / "model"), micro_data(seed=5), k=100, w_min=0.0, w_max=1.0,
+                        metric="l2")
+    cfg = TrainConfig(out=str(tmp_path), max_steps=40, batch_size=16, lr=1e-3, log_every=5, progress=False)
+    summary = train(task, cfg)
+    assert summary["status"] == "finished" and (tmp_path / "model" / "llcm.json").exists()
+    ls = losses(tmp_path)
+    assert min(ls[-3:]) < ls[0], ls
+
+
+def _weights(ck: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ck / "trainable.safetensors"))
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(straight), "distill", "6"], env=ENV,
+                   check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), str(killed), "distill", "6"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("checkpoint-0000002")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    state = json.loads((sorted((killed / "checkpoints").glob("checkpoint-*"))[-1] / "state.json").read_text())
+    assert 2 <= state["step"] < 6, state["step"]
+    assert not (killed / "model").exists()
+    subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(killed), "distill", "6", "--resume"],
+                   env=ENV, check=True, capture_output=True)
+    a = _weights(straight / "checkpoints" / "checkpoint-0000006")
+    b = _weights(killed / "checkpoints" / "checkpoint-0000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ta = _weights_named(straight, "target")
+    tb = _weights_named(killed, "target")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _weights_named(run: Path, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "checkpoint-0000006" / f"{name}.safetensors"))
+
+
+def test_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(one), "distill", "4"], env=ENV, check=True,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", str(HERE / "train_worker.py"), str(two), "distill", "4"],
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((two / "config.json").read_text())["processes"] == 2
+    a = _weights(one / "checkpoints" / "checkpoint-0000004")
+    b = _weights(two / "checkpoints" / "checkpoint-0000004")
+    a2 = _weights(one / "checkpoints" / "checkpoint-0000002")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - a2[k]).abs().max()) for k in a)
+    assert diff < 0.1 * moved, (diff, moved)
