@@ -59,6 +59,11 @@ def preset_defaults(name: str, section: str) -> dict:
     }
 
 
+def _require_folder(path: str, what: str, hint: str) -> None:
+    if not Path(path).is_dir():
+        raise UserError(f"{what} {path} does not exist; {hint}")
+
+
 def _load_latents(path: str, components):
     from llcm.latents import LatentSet
     from llcm.models import model_hash
@@ -135,6 +140,7 @@ def run_teacher(args) -> int:
     from llcm.tasks import TeacherTask
 
     d = preset_defaults(args.preset, "teacher")
+    _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     comps = teacher_components(args)
     data = _load_latents(args.latents, comps)
     return _run(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank),
@@ -195,6 +201,7 @@ def run_distill(args) -> int:
     if args.solver not in SOLVERS:
         raise UserError(f"unknown solver {args.solver!r}; choose from {', '.join(SOLVERS)}")
     d = preset_defaults(args.preset, "distill")
+    _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     teacher = load_components(args.teacher)
     data = _load_latents(args.latents, teacher)
     return _run(lambda: DistillTask(teacher, data, solver=args.solver, **_cons_kwargs(args, d)), args, d, "distill")
@@ -231,6 +238,7 @@ def run_finetune(args) -> int:
     from llcm.tasks import FinetuneTask
 
     d = preset_defaults(args.preset, "finetune")
+    _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     model = load_components(args.model)
     cfg_file = Path(args.model) / "llcm.json"
     if cfg_file.exists():  # keep the model's own k and w range unless overridden
