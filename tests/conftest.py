@@ -1,9 +1,10 @@
 import dataclasses
+import os
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("LLCM_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

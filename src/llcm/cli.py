@@ -56,16 +56,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except Exception:  # pragma: no cover - the libraries are dependencies; never fail on logging setup
-        pass
+    for name in ("transformers", "diffusers"):  # already imported (e.g. inside Python): tell them directly
+        if name in sys.modules:
+            log = importlib.import_module(f"{name}.utils.logging")
+            log.set_verbosity_error()
+            log.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,11 +42,17 @@ def loop_config(args: argparse.Namespace, defaults: dict):
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every)
 
 
-def preset_defaults(name: str, section: str) -> dict:
-    """Training defaults of a preset section ("teacher", "distill", "finetune"), with llcm's fallbacks."""
-    from llcm.models import load_preset
+def preset_defaults(name: str | None, section: str) -> dict:
+    """Training defaults of a preset section ("teacher", "distill", "finetune"), with llcm's fallbacks.
 
-    preset = load_preset(name)
+    name=None gives the fallbacks alone without importing torch (used to build --help quickly).
+    """
+    if name is None:
+        preset = {}
+    else:
+        from llcm.models import load_preset
+
+        preset = load_preset(name)
     sec = preset.get(section, {})
     base = {"teacher": {"steps": 2000, "batch": 64, "lr": 2e-4},
             "distill": {"steps": 1000, "batch": 32, "lr": 1e-4},
@@ -100,7 +106,7 @@ examples:
 
 
 def register_teacher(train_sub) -> None:
-    d = preset_defaults("tiny-cpu", "teacher")
+    d = preset_defaults(None, "teacher")
     p = train_sub.add_parser("teacher", help="retrain a latent diffusion teacher", description=TEACHER_HELP,
                              epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latents", required=True, help="latent cache from `llcm encode`")
@@ -165,7 +171,7 @@ examples:
 
 
 def register_distill(sub) -> None:
-    d = preset_defaults("tiny-cpu", "distill")
+    d = preset_defaults(None, "distill")
     p = sub.add_parser("distill", help="latent consistency distillation (LLCM / LCM)", description=DISTILL_HELP,
                        epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher model folder (llcm or diffusers SD format)")
@@ -221,7 +227,7 @@ example:
 
 
 def register_finetune(sub) -> None:
-    d = preset_defaults("tiny-cpu", "finetune")
+    d = preset_defaults(None, "finetune")
     p = sub.add_parser("finetune", help="latent consistency fine-tuning (LCF) on a new dataset",
                        description=FINETUNE_HELP, epilog=LOOP_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
