@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_images(result, out: Path, model_name: str, overwrite: bool = False) -> list[Path]:
-    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from llcm import __version__

@@ -124,7 +124,7 @@ def teacher_components(args):
     """The teacher's starting point: a local SD folder, or the preset's tiny architecture (+ a trained VAE)."""
     import dataclasses
 
-    from llcm.models import build_tiny_components, components_from_preset, load_components, load_preset
+    from llcm.models import components_from_preset, load_components, load_preset
 
     if args.base:
         return load_components(args.base)

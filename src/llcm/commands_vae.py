@@ -90,9 +90,8 @@ class _DryRun:
 
 def run_train_vae(args: argparse.Namespace) -> int:
     from llcm.models import load_preset
-    from llcm.training import TrainConfig, train
-    from llcm.vae import (DEFAULT_KL_WEIGHT, VAETask, build_vae, load_pixels, load_vae, scan_split, vae_factor,
-                          writable_folder)
+    from llcm.training import TrainConfig, train, writable_folder
+    from llcm.vae import DEFAULT_KL_WEIGHT, VAETask, build_vae, load_pixels, load_vae, scan_split, vae_factor
 
     kl_weight = DEFAULT_KL_WEIGHT if args.kl_weight is None else args.kl_weight
     if kl_weight < 0:

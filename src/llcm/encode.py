@@ -22,8 +22,9 @@ import torch
 
 from llcm.errors import UserError
 from llcm.latents import LatentSet
+from llcm.training import writable_folder
 from llcm.vae import (ImageSplit, find_vae_folder, load_pixels, load_vae, scan_split, to_model_range, vae_factor,
-                      vae_hash, writable_folder)
+                      vae_hash)
 
 Tensor = torch.Tensor
 KEYS = ("vae_hash", "scaling_factor", "data_hash", "split", "flip")

@@ -24,6 +24,7 @@ from llcm.losses import ConsistencyDistillationLoss, ConsistencyFinetuneLoss, De
 from llcm.models import Components, add_guidance_embedding, encode_prompts
 from llcm.schedules import Schedule
 from llcm.solvers import get_solver
+from llcm.training import TaskBase
 
 Tensor = torch.Tensor
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -70,7 +71,7 @@ def merged_unet(unet: nn.Module) -> nn.Module:
     return plain
 
 
-class _PromptData:
+class _PromptData(TaskBase):
     """Shared data plumbing: latents + prompt table + null embedding."""
 
     def __init__(self, components: Components, data: LatentSet):
@@ -115,15 +116,6 @@ class TeacherTask(_PromptData):
         embeds[drop] = self.null
         return {"z0": z0, "noise": torch.randn(z0.shape, generator=gen),
                 "t": torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen), "embeds": embeds}
-
-    def loss(self, net, batch):
-        return self.loss_fn(net, batch)
-
-    def after_step(self) -> None:
-        pass
-
-    def state_modules(self) -> dict[str, nn.Module]:
-        return {}
 
     def final_components(self) -> Components:
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
@@ -269,8 +261,6 @@ class DistillTask(_ConsistencyTask):
         self.loss_fn = ConsistencyDistillationLoss(teacher.unet, self.target, solver_fn, self.schedule,
                                                    teacher.prediction_type, metric, huber_c)
 
-    def loss(self, net, batch):
-        return self.loss_fn(net, batch)
 
 
 class FinetuneTask(_ConsistencyTask):
@@ -287,5 +277,3 @@ class FinetuneTask(_ConsistencyTask):
         super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet)
         self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c)
 
-    def loss(self, net, batch):
-        return self.loss_fn(net, batch)

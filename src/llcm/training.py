@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -89,6 +89,37 @@ class Task(Protocol):
 
     def sample_grid(self):  # -> PIL.Image | None
         ...
+
+
+class TaskBase:
+    """Defaults for the optional parts of a Task: the loss is `self.loss_fn`, no EMA, no extra state."""
+
+    loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+    def loss(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return self.loss_fn(net, batch)
+
+    def after_step(self) -> None:
+        pass
+
+    def state_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def sample_grid(self):
+        return None
+
+
+def writable_folder(path: str | os.PathLike) -> Path:
+    """Create `path` if needed and check that a file can be written in it (one clear error if not)."""
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".llcm-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return folder
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -212,13 +243,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     if dry_run:
         return {"dry_run": True, "config": record}
     if acc.is_main_process:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+        writable_folder(out)
         (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
     n = task.num_examples()
     if n < 1:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from llcm.errors import UserError
+from llcm.training import TaskBase
 
 Tensor = torch.Tensor
 
@@ -154,19 +155,6 @@ def load_pixels(split: ImageSplit, indices: list[int] | range | None = None) -> 
 def to_model_range(pixels: Tensor) -> Tensor:
     """uint8 [0, 255] -> float [-1, 1], the VAE's input range."""
     return pixels.float() / 127.5 - 1.0
-
-
-def writable_folder(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and check that a file can be written in it."""
-    folder = Path(path).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".llcm-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
-    return folder
 
 
 # ------------------------------------------------------------------------------------------ VAEs
@@ -308,7 +296,7 @@ class VAELoss:
         return err.abs().mean(1) + err.square().mean(1) + self.kl_weight * kl.float() / err.shape[1]
 
 
-class VAETask:
+class VAETask(TaskBase):
     """Train an AutoencoderKL on uint8 images held in memory (tiny datasets: N x 3 x H x W bytes)."""
 
     name = "vae"
@@ -337,15 +325,6 @@ class VAETask:
     def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         x = to_model_range(self.train_pixels[idx])
         return {"x": x, "noise": torch.randn((len(idx), *self.latent_shape), generator=gen)}
-
-    def loss(self, net, batch):
-        return self.loss_fn(net, batch)
-
-    def after_step(self) -> None:
-        pass
-
-    def state_modules(self) -> dict[str, nn.Module]:
-        return {}
 
     def evaluate(self) -> dict:
         """Scaling factor from the train latents, reconstruction PSNR on the eval split."""
