@@ -94,7 +94,8 @@ class LLCMPipeline:
         sched_file = path / "scheduler" / "scheduler_config.json"
         schedule = (Schedule.from_diffusers_config(json.loads(sched_file.read_text()))
                     if sched_file.exists() else Schedule.scaled_linear())
-        return cls(components, config, schedule, name=path.name)
+        name = path.parent.name if path.name == "model" and path.parent.name else path.name  # runs/x/model -> x
+        return cls(components, config, schedule, name=name)
 
     @property
     def model_hash(self) -> str:
