@@ -199,7 +199,8 @@ def test_results_match_an_independent_recomputation(evaluated, world):
 
 def test_images_carry_prompt_seed_steps(evaluated):
     out, results, _ = evaluated
-    f = out / "images" / "teacher" / "ddim-3" / "right-blob" / f"{2 * 1_000_000 + 2}.png"  # classes sorted: bottom-bar, left-blob, right-blob, top-bar
+    # classes sorted: bottom-bar, left-blob, right-blob (index 2), top-bar; image 2 -> seed 2 * 1e6 + 2
+    f = out / "images" / "teacher" / "ddim-3" / "right-blob" / f"{2 * 1_000_000 + 2}.png"
     with Image.open(f) as im:
         meta = dict(im.text)
     assert meta["llcm:prompt"] == "right blob" and meta["llcm:seed"] == "2000002" and meta["llcm:steps"] == "3"
@@ -308,3 +309,30 @@ def test_sampling_grid_sweep_gives_the_k_ablation(world, tmp_path):
     assert (out / "images" / "llcm" / "consistency-4-k50").is_dir()
     page = (out / "report.html").read_text()
     assert "Ablation: consistency sampling grid k" in page and "llcm (k=50)" in page
+
+
+def test_two_processes_share_the_generation(evaluated, world, tmp_path):
+    """`torchrun`/`accelerate launch` style: 2 processes split the images, process 0 writes the report; the
+    images equal those of the one-process run (same seeds)."""
+    import os
+    import subprocess
+    import sys
+
+    out1, _, _ = evaluated
+    data, paths, _ = world
+    out = tmp_path / "two"
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", "-m", "llcm.cli", "evaluate", "--data", str(data), "--out", str(out),
+                          "--extractor", "filterbank", "--steps", "1", "--per-class", "3", "--no-memorization",
+                          "--quiet", "--model", f"llcm={paths['llcm']}"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["processes"] == 2 and results["runs"][0]["n_images"] == 12
+    assert {json.loads(line)["process"] for f in (out / "images").rglob("timing-*.jsonl")
+            for line in f.read_text().splitlines()} == {0, 1}
+    for f in sorted((out / "images" / "llcm" / "consistency-1").rglob("*.png")):
+        same = out1 / f.relative_to(out)
+        assert np.abs(np.asarray(Image.open(f)).astype(int) - np.asarray(Image.open(same))).max() <= 1

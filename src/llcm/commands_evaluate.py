@@ -162,7 +162,8 @@ def register_dreambooth(train_sub) -> None:
 
     d = {"steps": 400, "batch": 8, "lr": 5e-5}
     p = train_sub.add_parser("dreambooth", help="DreamBooth-style per-class fine-tune of the teacher (baseline)",
-                             description=DB_HELP, epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                             description=DB_HELP, epilog=LOOP_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher model folder")
     p.add_argument("--latents", required=True, help="latent cache of the train split (the teacher's VAE)")
     p.add_argument("--class", dest="classes", required=True, help="class name or prompt; comma-separated; 'all'")

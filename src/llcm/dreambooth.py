@@ -104,15 +104,19 @@ class DreamBoothTask:
         components.vae.requires_grad_(False)
         components.text_encoder.requires_grad_(False)
         unet = components.unet
-        # class-prior latents from the frozen ORIGINAL teacher, before any update (one seed per latent)
-        unet.eval()
+        # class-prior latents from the frozen ORIGINAL teacher, before any update (one seed per latent);
+        # sampled on the GPU when there is one, identically in every process
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        unet.to(device).eval()
+        components.text_encoder.to(device)
         self.prior_seeds = [seed * 100_003 + i for i in range(num_prior)]
         self.prior_latents = sample_teacher_latents(components, self.schedule, [self.prior_prompt] * num_prior,
                                                     self.prior_seeds, prior_solver, prior_steps, prior_w,
                                                     shape=tuple(self.latents.shape[1:]))
         self.prior_settings = {"num_prior": num_prior, "steps": prior_steps, "w": prior_w, "solver": prior_solver,
                                "seed": seed}
-        emb = encode_prompts(components, [self.instance_prompt, self.prior_prompt, ""]).float()
+        emb = encode_prompts(components, [self.instance_prompt, self.prior_prompt, ""]).float().cpu()
+        components.text_encoder.to("cpu")
         self.instance_embed, self.prior_embed, self.null = emb[0:1], emb[1:2], emb[2:3]
         unet.train()
         self.trainable = DenoiserNet(unet)

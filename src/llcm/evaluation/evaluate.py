@@ -32,9 +32,9 @@ import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -232,7 +232,7 @@ def plan_runs(cfg: EvalConfig) -> list[Run]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers: one per model kind, all with generate(prompts, seeds, steps, k, w) -> float [B, H, W, 3]
+# Samplers: one per model kind, all with generate(cls, prompts, seeds, steps, timesteps, w) -> float [B, H, W, 3]
 
 
 def _stored_hash(folder: Path) -> str:
@@ -268,22 +268,13 @@ class ConsistencySampler:
         self.pipe = LLCMPipeline.from_pretrained(folder)
         _to_device(self.pipe.components, device)
 
-
     def prompt(self, cls: ClassInfo) -> str:
         return cls.prompt
 
-    def timesteps(self, steps: int, k: int | None) -> list[int]:
-        from llcm.sampling import consistency_timesteps
-
-        try:
-            return consistency_timesteps(steps, self.pipe.schedule.num_train_timesteps, k or self.pipe.config.k)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-
-    def generate(self, cls: ClassInfo | None, prompts, seeds, steps, k, w) -> np.ndarray:
+    def generate(self, cls: ClassInfo | None, prompts, seeds, steps, timesteps, w) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a w outside the trained range is recorded, not repeated per batch
-            return self.pipe(list(prompts), steps, list(seeds), w, timesteps=self.timesteps(steps, k)).images
+            return self.pipe(list(prompts), steps, list(seeds), w, timesteps=timesteps).images
 
 
 class TeacherSampler:
@@ -296,11 +287,10 @@ class TeacherSampler:
         self.components = _to_device(load_components(folder), device)
         self.schedule = _schedule_of(self.folder)
 
-
     def prompt(self, cls: ClassInfo) -> str:
         return cls.prompt
 
-    def generate(self, cls, prompts, seeds, steps, k, w) -> np.ndarray:
+    def generate(self, cls, prompts, seeds, steps, timesteps, w) -> np.ndarray:
         from llcm.dreambooth import sample_teacher_latents
         from llcm.pipeline import decode_latents
 
@@ -331,13 +321,12 @@ class DreamBoothSampler:
     def prompt(self, cls: ClassInfo) -> str:
         return self.entry(cls)["prompt"]
 
-
-    def generate(self, cls, prompts, seeds, steps, k, w) -> np.ndarray:
+    def generate(self, cls, prompts, seeds, steps, timesteps, w) -> np.ndarray:
         model = self.entry(cls)["model"]
         if self._loaded is None or self._loaded[0] != model:
             self._loaded = (model, TeacherSampler(model, self.solver, self.device))
         self._loaded[1].solver = self.solver
-        return self._loaded[1].generate(cls, prompts, seeds, steps, k, w)
+        return self._loaded[1].generate(cls, prompts, seeds, steps, timesteps, w)
 
 
 def open_sampler(run: Run, device: torch.device):
@@ -521,7 +510,8 @@ def generate(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], process
                 seeds = [seed_of(cfg, c, i) for c, i in batch]
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    images = to_uint8(sampler.generate(batch[0][0], prompts, seeds, run.steps, run.k, ident["w"]))
+                    images = to_uint8(sampler.generate(batch[0][0], prompts, seeds, run.steps, ident["timesteps"],
+                                                       ident["w"]))
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
@@ -529,7 +519,8 @@ def generate(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], process
                     write_png(image_path(out, run, c, seed), img,
                               {"prompt": prompt, "seed": seed, "steps": run.steps, "w": ident["w"],
                                "timesteps": ident["timesteps"], "sampler": run.sampler, "class": c.name,
-                               "model": run.model, "model_hash": ident["model_hash"], "software": f"llcm {__version__}"})
+                               "model": run.model, "model_hash": ident["model_hash"],
+                               "software": f"llcm {__version__}"})
                 with open(timing, "a") as fh:
                     fh.write(json.dumps({"n": len(batch), "seconds": dt, "process": process_index,
                                          "device": str(device)}) + "\n")
@@ -602,7 +593,7 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
             train_rows: list[dict], device="cpu") -> dict:
     """Features, metrics, memorization -> the results dict (everything the report shows)."""
     from llcm.evaluation.features import extract_features, get_extractor
-    from llcm.evaluation.metrics import FeatureStats, cached_stats, compute_all, fingerprint
+    from llcm.evaluation.metrics import cached_stats, compute_all, fingerprint
 
     out = Path(cfg.out)
     ex = get_extractor(cfg.extractor, cfg.extractor_weights, device=device)

@@ -236,7 +236,8 @@ def table3(results: dict, c: Cells) -> str:
         name = label + (f" (k={k})" if k is not None else "")
         rows.append([c.text(name)] + [c.num("runs", idx[s], "metrics", "fid") if s in idx else "<td></td>"
                                       for s in steps])
-    return table("Table 3: FID by number of sampling steps", ex, ["model"] + [f"{s} steps" for s in steps], rows,
+    header = ["model"] + [f"{s} step" + ("s" if s != 1 else "") for s in steps]
+    return table("Table 3: FID by number of sampling steps", ex, header, rows,
                  note="Lower is better. FID is biased upwards at small sample sizes: compare rows with equal "
                       "numbers of images only, and never across feature extractors.")
 
