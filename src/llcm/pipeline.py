@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from llcm import __version__
 from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
+from llcm.fileio import atomic_folder
 from llcm.models import Components, encode_prompts, load_components, model_hash
 from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
 from llcm.schedules import Schedule
@@ -183,9 +182,7 @@ def save_model_folder(components: Components, schedule: Schedule, config: LLCMCo
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path} exists and is not empty; choose another folder or pass overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         c = components
         c.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         c.vae.save_pretrained(tmp / "vae", safe_serialization=True)
@@ -207,12 +204,6 @@ def save_model_folder(components: Components, schedule: Schedule, config: LLCMCo
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         meta = {**config.__dict__, "llcm_version": __version__, "unet_hash": model_hash(c)}
         (tmp / "llcm.json").write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -35,8 +35,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import torch
 from torch import nn
 
 from llcm.errors import UserError
+from llcm.fileio import atomic_folder
 from llcm.training import TaskBase
 
 Tensor = torch.Tensor
@@ -361,17 +360,9 @@ class VAETask(TaskBase):
                   "image_size": [int(h), int(w)], "latent_shape": list(self.latent_shape),
                   "train_images": len(self.train_pixels), "vae_hash": vae_hash(vae), **self.source}
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / "vae_report.json").write_text(json.dumps(report, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         self.report = report
         return folder
 
