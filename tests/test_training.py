@@ -148,3 +148,15 @@ def test_two_processes_match_one(tmp_path):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = max(float((a[k] - a2[k]).abs().max()) for k in a)
     assert diff < 0.1 * moved, (diff, moved)
+
+
+def test_task_to_moves_every_frozen_helper(teacher_run):
+    """On a GPU accelerate moves only the trainable module; the teacher, EMA target, VAE and text
+    encoder must follow (task.to). The meta device stands in for the accelerator here."""
+    task = DistillTask(load_components(teacher_run / "model"), micro_data(), solver="midpoint", k=100)
+    task.to(torch.device("meta"))
+    helpers = {"teacher unet": task.loss_fn.teacher, "target": task.target, "vae": task.components.vae,
+               "text encoder": task.components.text_encoder}
+    for name, module in helpers.items():
+        assert {p.device.type for p in module.parameters()} == {"meta"}, name
+    assert task.embeds.device.type == "cpu"  # batches are drawn on the CPU, then moved per step

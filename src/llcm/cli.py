@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "llcm.commands_training",
     "llcm.commands_generate",
     "llcm.commands_evaluate",
+    "llcm.commands_serve",
 ]
 
 EPILOG = """\

@@ -106,6 +106,13 @@ class LLCMPipeline:
     def device(self) -> torch.device:
         return next(self.components.unet.parameters()).device
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LLCMPipeline":
+        """Move (and optionally cast: torch.float16 / torch.bfloat16 on a GPU) every model; returns self."""
+        for m in (self.components.unet, self.components.vae, self.components.text_encoder):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
     def default_size(self) -> int:
         c = self.components
         return int(c.unet.config.sample_size) * c.vae_scale_factor
@@ -147,7 +154,9 @@ class LLCMPipeline:
         c = self.components
         ts = list(timesteps) if timesteps else consistency_timesteps(steps, self.schedule.num_train_timesteps,
                                                                      self.config.k)
-        embeds = encode_prompts(c, prompts)
+        distinct = list(dict.fromkeys(prompts))  # a batch of one prompt encodes it once
+        table = encode_prompts(c, distinct)
+        embeds = table[[distinct.index(p) for p in prompts]]
         shape = (c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
         z0 = sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts)
         images = decode_latents(c, z0)
@@ -164,7 +173,7 @@ class LLCMPipeline:
 def decode_latents(components: Components, z0: torch.Tensor) -> np.ndarray:
     """VAE-decode scaled latents to [B, H, W, 3] floats in [0, 1] (as diffusers' image processor does)."""
     vae = components.vae
-    image = vae.decode(z0.to(vae.dtype) / components.scaling_factor).sample
+    image = vae.decode(z0.to(vae.device, vae.dtype) / components.scaling_factor).sample
     image = (image / 2 + 0.5).clamp(0, 1)
     return image.cpu().permute(0, 2, 3, 1).float().numpy()
 

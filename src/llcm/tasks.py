@@ -139,10 +139,12 @@ class TeacherTask(_PromptData):
         unet.eval()
         p = self.sample_prompts
         emb = prompt_table(c, p)
-        den = cfg_denoiser(unet, self.schedule, c.prediction_type, emb, self.null.expand_as(emb), 4.0)
+        device = next(unet.parameters()).device
+        emb = emb.to(device)
+        den = cfg_denoiser(unet, self.schedule, c.prediction_type, emb, self.null.to(device).expand_as(emb), 4.0)
         shape = tuple(self.data.latents.shape[1:])
         z = sample_ode(den, self.schedule, "ddim", make_generators(range(len(p))), shape, teacher_timesteps(20),
-                       device=self.data.latents.device)
+                       device=device)
         unet.train(was)
         from PIL import Image
         import numpy as np
@@ -230,7 +232,7 @@ class _ConsistencyTask(_PromptData):
         was = model.training
         model.eval()
         p = self.sample_prompts
-        emb = prompt_table(self.components, p)
+        emb = prompt_table(self.components, p).to(next(model.parameters()).device)
         shape = tuple(self.data.latents.shape[1:])
         w = 0.5 * (self.w_min + self.w_max)
         z = sample_consistency(model, emb, w, make_generators(range(len(p))), shape,

@@ -108,6 +108,20 @@ class TaskBase:
     def sample_grid(self):
         return None
 
+    def to(self, device: torch.device) -> None:
+        """Move the frozen helpers (teacher, EMA target, VAE, text encoder) to the training device.
+
+        accelerate moves only the trainable module; batches are drawn on the CPU and moved per step, so
+        the latent cache and prompt tables stay where they are.
+        """
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(device)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                for field in dataclasses.fields(value):
+                    if isinstance(getattr(value, field.name), nn.Module):
+                        getattr(value, field.name).to(device)
+
 
 def writable_folder(path: str | os.PathLike) -> Path:
     """Create `path` if needed and check that a file can be written in it (one clear error if not)."""
@@ -256,6 +270,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     warm = max(1, config.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     model, optimizer = acc.prepare(trainable, optimizer)
+    task.to(acc.device)
 
     step = 0
     ck = latest_checkpoint(out / "checkpoints") if resume else None

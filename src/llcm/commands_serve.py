@@ -1,0 +1,60 @@
+"""`llcm serve`: the web page and HTTP API (optional extra: pip install 'llcm[ui]')."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from llcm.errors import UserError
+
+HELP = """\
+Serve a web page and an HTTP API that generate images with a latent consistency model: prompt, steps,
+seed, guidance, number of images, a gallery, a zip of the PNGs with their metadata, and the same seed
+at 1, 2, 4 and 8 steps side by side. Needs the ui extra: pip install 'llcm[ui]'.
+
+Safety: binds to 127.0.0.1 (this machine only) unless --host says otherwise, and warns loudly when it
+does; hard limits on steps, images per request, image size and queued requests (a request beyond the
+queue gets a "busy" answer, HTTP 503); the page cannot name files, and images are written only under
+--out.
+
+examples:
+  llcm serve                                   default model on http://127.0.0.1:7860/
+  llcm serve --model runs/llcm/model --port 8000 --out out/serve
+  curl -s http://127.0.0.1:7860/api/generate -H 'Content-Type: application/json' \\
+       -d '{"prompt": "axial brain MRI, T1-weighted", "steps": 4, "seed": 0, "n": 2}'
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="web page + HTTP API for generation (pip install 'llcm[ui]')",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="a local model folder or a preset name; default (or 'default'): the model shipped with llcm")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; anything else is exposed)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--out", default="out/serve", help="the only folder images are written to (default out/serve)")
+    p.add_argument("--max-steps", type=int, default=8, help="most steps a request may ask for (default 8, at most 50)")
+    p.add_argument("--max-images", type=int, default=4, help="most images per request (default 4, at most 64)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest height/width in pixels (default 1024)")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests running or waiting at once; more get a busy answer (default 8, at most 64)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("llcm serve needs the ui extra: pip install 'llcm[ui]'")
+    from llcm.pipeline import MAX_BATCH, MAX_STEPS
+    from llcm.serve import Limits, serve
+
+    for name, v, hi in (("--max-steps", args.max_steps, MAX_STEPS), ("--max-images", args.max_images, MAX_BATCH),
+                        ("--max-size", args.max_size, 4096), ("--queue", args.queue, 64)):
+        if not 1 <= v <= hi:
+            raise UserError(f"{name} must be between 1 and {hi}, got {v}")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    model = None if args.model in (None, "default") else args.model
+    serve(model, args.host, args.port, args.out,
+          Limits(args.max_steps, args.max_images, args.max_size, args.queue))
+    return 0
