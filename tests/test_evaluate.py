@@ -1,5 +1,6 @@
 """`llcm evaluate` end to end on a tiny offline world: report numbers trace back to results.json, which
-match an independent recomputation; resume, process split, refusal of mixed runs, planted copies flagged.
+match an independent recomputation; resume, process split, refusal of mixed runs, planted copies flagged,
+the classifier check added to a finished evaluation without touching its images.
 
 The world: a 4-class 32x32 image dataset drawn here and untrained micro models (tests/train_worker.py's
 MICRO preset) saved as llcm folders; untrained weights are enough to test the harness.
@@ -111,13 +112,15 @@ def evaluated(world):
 
 
 class Cells(HTMLParser):
-    """Every <td> (attributes + text) and every <caption> text of a page."""
+    """Every <td> (attributes + text), every <caption> text and every number <span> of a page."""
 
     def __init__(self):
         super().__init__()
-        self.cells, self.captions, self._cur, self._cap = [], [], None, None
+        self.cells, self.captions, self.spans, self._cur, self._cap = [], [], [], None, None
 
     def handle_starttag(self, tag, attrs):
+        if tag == "span" and dict(attrs).get("class") == "num":
+            self.spans.append(dict(attrs))
         if tag == "td":
             self._cur = [dict(attrs), ""]
         elif tag == "caption":
@@ -159,12 +162,19 @@ def test_every_table_number_comes_from_results_json(evaluated):
     for attrs, text in parser.cells:  # no number typed into a table without its source
         if _is_number(text.strip()):
             assert "data-key" in attrs, text
+    for attrs in parser.spans:  # numbers quoted in sentences carry their source too
+        assert json.loads(attrs["data-value"]) == resolve(results, attrs["data-key"]), attrs
     ex = results["extractor"]["name"]
     assert ex == "filterbank-v1"
-    assert parser.captions and all(ex in c for c in parser.captions)
-    for key in ("fid", "kid_mean", "precision", "recall"):  # the run table shows every run's metrics
+    # every caption names the feature extractor, except the classifier's, which names the classifier
+    assert parser.captions and all(ex in c or ("classifier" in c.lower() and ex not in c) for c in parser.captions)
+    assert sum(ex not in c for c in parser.captions) == 1
+    for key in ("metrics/fid", "metrics/kid_mean", "metrics/precision", "metrics/recall", "classifier_accuracy",
+                "classifier_accuracy_gap_points"):  # the run table shows every run's metrics
         for i in range(len(results["runs"])):
-            assert f'data-key="/runs/{i}/metrics/{key}"' in page
+            assert f'data-key="/runs/{i}/{key}"' in page
+    assert 'data-key="/classifier/real_test_accuracy"' in page and "Classifier check" in page
+    assert {a["data-key"] for a in parser.spans} >= {"/classifier/real_test_accuracy", "/classifier/n_train"}
     assert "Table 3" in page and "Per-class FID" in page and "Memorization" in page
     assert page.count("data:image/png;base64,") >= 5 and 'src="http' not in page
     assert results["command"].startswith("llcm evaluate --data ")
@@ -195,6 +205,53 @@ def test_results_match_an_independent_recomputation(evaluated, world):
     mem = results["memorization"]
     assert mem["n_gen"] == 48 and mem["n_train"] == 48 and not mem["copies_found"]
     assert all(r["seconds_per_image"] > 0 for r in results["runs"])
+
+
+def test_classifier_accuracy_matches_the_cached_classifier(evaluated, world):
+    """results.json's classifier numbers, recomputed from the cached weights and the images on disk."""
+    from llcm.evaluation.classifier import Classifier
+
+    out, results, _ = evaluated
+    data, _, _ = world
+    clf = results["classifier"]
+    assert clf["n_train"] == 48 and clf["n_test"] == 32 and clf["epochs"] == 12 and clf["seconds"] > 0
+    assert clf["classes"] == sorted(c["name"] for c in results["classes"]) and not clf["missing_from_train"]
+    assert results["settings"]["classifier"] is True
+    model = Classifier.load(out / clf["cache_file"])
+    test_rows = [json.loads(line) for line in (data / "test" / "metadata.jsonl").read_text().splitlines()]
+    pred = model.predict([data / "test" / r["file_name"] for r in test_rows])
+    hits = [p == r["class"] for p, r in zip(pred, test_rows)]
+    assert clf["real_test_accuracy"] == pytest.approx(np.mean(hits))
+    assert clf["per_class_real_accuracy"]["top-bar"] == pytest.approx(
+        np.mean([h for h, r in zip(hits, test_rows) if r["class"] == "top-bar"]))
+    assert clf["real_test_balanced_accuracy"] == pytest.approx(np.mean(list(clf["per_class_real_accuracy"].values())))
+    for r in results["runs"]:
+        files = sorted((out / r["images_dir"]).rglob("*.png"))
+        acc = np.mean([p == f.parent.name for p, f in zip(model.predict(files), files)])
+        assert r["classifier_accuracy"] == pytest.approx(acc)
+        assert r["classifier_accuracy_gap_points"] == pytest.approx(100 * (clf["real_test_balanced_accuracy"] - acc))
+        assert set(r["classifier_per_class_accuracy"]) == set(clf["per_class_real_accuracy"])
+
+
+def test_rerun_adds_the_classifier_to_a_finished_evaluation(evaluated, world):
+    """An evaluation folder made before the classifier check (no classifier in its cache, run.json files without
+    it): the same command again generates nothing, keeps every metric and only adds (then reuses) the classifier."""
+    out, before, _ = evaluated
+    data, paths, _ = world
+    for f in (out / "cache").glob("classifier-*"):
+        f.unlink()
+    run_json = {f: f.read_text() for f in (out / "images").rglob("run.json")}
+    assert main(eval_args(data, out, paths)) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["timing"]["generated_this_session"] == 0 and after["timing"]["skipped_existing"] == 48
+    assert not after["classifier"]["cached"] and len(list((out / "cache").glob("classifier-*.safetensors"))) == 1
+    for a, b in zip(before["runs"], after["runs"]):
+        assert a["metrics"] == b["metrics"] and a["classifier_accuracy"] == b["classifier_accuracy"]
+    assert {f: f.read_text() for f in run_json} == run_json
+    assert main(eval_args(data, out, paths)) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["classifier"]["cached"] and again["classifier"]["seconds"] == after["classifier"]["seconds"]
+    assert [r["classifier_accuracy"] for r in again["runs"]] == [r["classifier_accuracy"] for r in after["runs"]]
 
 
 def test_images_carry_prompt_seed_steps(evaluated):
@@ -301,14 +358,18 @@ def test_sampling_grid_sweep_gives_the_k_ablation(world, tmp_path):
     data, paths, _ = world
     out = tmp_path / "ksweep"
     rc = main(["evaluate", "--data", str(data), "--out", str(out), "--extractor", "filterbank", "--per-class", "2",
-               "--steps", "1,4", "--k", "50,100", "--no-memorization", "--quiet", "--model", f"llcm={paths['llcm']}"])
+               "--steps", "1,4", "--k", "50,100", "--no-memorization", "--no-classifier", "--quiet",
+               "--model", f"llcm={paths['llcm']}"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
+    assert "classifier" not in results and "classifier_accuracy" not in results["runs"][0]
+    assert "--no-classifier" in results["command"]
     ts = {(r["k"], r["steps"]): r["timesteps"] for r in results["runs"]}
     assert ts == {(50, 1): [999], (50, 4): [999, 749, 499, 249], (100, 1): [999], (100, 4): [999, 799, 499, 299]}
     assert (out / "images" / "llcm" / "consistency-4-k50").is_dir()
     page = (out / "report.html").read_text()
     assert "Ablation: consistency sampling grid k" in page and "llcm (k=50)" in page
+    assert "Not run (--no-classifier)" in page
 
 
 def test_two_processes_share_the_generation(evaluated, world, tmp_path):

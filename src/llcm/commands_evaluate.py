@@ -12,7 +12,8 @@ from llcm.errors import UserError
 EVAL_HELP = """\
 Generate images per class and step count for each model (or read them), then score them against the real
 test split: FID, KID and precision/recall (k-NN manifolds), overall and per class, NFE and wall time per
-image, and a memorization check of every generated image against the train split. Writes
+image, a memorization check of every generated image against the train split, and a classifier check
+(a small CNN trained on the train split: its accuracy on each run's images vs on the real test images). Writes
 OUT/report.html (self-contained: tables, FID-vs-steps plots, image grids, closest training pairs, the
 command, versions, seeds, extractor and model hashes) and OUT/results.json (the same numbers).
 
@@ -73,6 +74,10 @@ def register_evaluate(sub) -> None:
                    "(default: each model's own k)")
     p.add_argument("--batch", type=int, default=32, help="images per sampling batch (default 32, at most 64)")
     p.add_argument("--no-memorization", action="store_true", help="skip the memorization check")
+    p.add_argument("--no-classifier", action="store_true", help="skip the classifier-accuracy check")
+    p.add_argument("--classifier-epochs", type=int, default=None,  # None: classifier.DEFAULT_EPOCHS (no torch here)
+                   help="epochs of the classifier check's CNN over the train split (default 12; raise it for a "
+                   "train split of a few hundred images)")
     p.add_argument("--cos-threshold", type=float, default=None, help="memorization cosine threshold (default: "
                    "from the training set's own nearest-neighbour baseline)")
     p.add_argument("--ssim-threshold", type=float, default=None, help="memorization SSIM threshold (default: auto)")
@@ -98,6 +103,10 @@ def canonical_command(args: argparse.Namespace) -> str:
             parts += [flag, str(v)]
     if args.no_memorization:
         parts.append("--no-memorization")
+    if args.no_classifier:
+        parts.append("--no-classifier")
+    elif args.classifier_epochs is not None:
+        parts += ["--classifier-epochs", str(args.classifier_epochs)]
     if args.grid_seeds != 1:
         parts += ["--grid-seeds", str(args.grid_seeds)]
     return shlex.join(parts)
@@ -120,20 +129,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
                      extractor_weights=args.extractor_weights, train_split=args.train_split,
                      test_split=args.test_split, seed=args.seed, w=args.w, teacher_w=args.teacher_w, ks=ks,
                      batch_size=args.batch, classes=tuple(args.classes.split(",")) if args.classes else None,
-                     memorization=not args.no_memorization, cos_threshold=args.cos_threshold,
+                     memorization=not args.no_memorization, classifier=not args.no_classifier,
+                     cos_threshold=args.cos_threshold,
                      ssim_threshold=args.ssim_threshold, grid_seeds=args.grid_seeds,
                      command=canonical_command(args), progress=not args.quiet)
+    if args.classifier_epochs is not None:
+        cfg.classifier_epochs = args.classifier_epochs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MemorizationWarning)  # reported once below, from the results
         results = evaluate(cfg)
     if results is None:  # not the main process
         return 0
     ex = results["extractor"]["name"]
-    print(f"{'run':<34}{'NFE':>5}{'FID':>10}{'KID':>10}{'prec':>7}{'rec':>7}   features: {ex}")
+    clf = results.get("classifier")
+    print(f"{'run':<34}{'NFE':>5}{'FID':>10}{'KID':>10}{'prec':>7}{'rec':>7}" + (f"{'cls acc':>9}" if clf else "")
+          + f"   features: {ex}")
     for r in results["runs"]:
         m = r["metrics"]
+        acc = r.get("classifier_accuracy")
         print(f"{r['key']:<34}{r['nfe'] if r['nfe'] is not None else '-':>5}{m['fid']:>10.4g}{m['kid_mean']:>10.3g}"
-              f"{m['precision']:>7.3f}{m['recall']:>7.3f}")
+              f"{m['precision']:>7.3f}{m['recall']:>7.3f}" + (f"{acc:>9.3f}" if acc is not None else ""))
+    if clf:
+        print(f"cls acc: share of a run's images that a CNN trained on the {clf['n_train']} {clf['train_split']} "
+              f"images assigns to their prompt's class; on the real test images it scores "
+              f"{clf['real_test_accuracy']:.3f} (class-balanced {clf['real_test_balanced_accuracy']:.3f})")
     mem = results.get("memorization")
     if mem and mem["copies_found"]:
         print(f"warning: memorization: {mem['n_flagged']} of {mem['n_gen']} generated images look like copies of "

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels; a multiple of the VAE factor")
     p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
     p.add_argument("--overwrite", action="store_true", help="replace PNGs of the same names in --out")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights and activations (fp16/bf16 for Stable-Diffusion-size models on a GPU)")
     p.set_defaults(func=run)
 
 
@@ -56,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
     all_prompts = [p for p in prompts for _ in range(args.batch)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
     pipe = load_pipeline(args.model)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        pipe.to(device, dtype)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"cannot use device {device!r}: {exc}") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipe(all_prompts, steps=args.steps, seeds=seeds, w=args.w, height=args.height, width=args.width)

@@ -107,7 +107,11 @@ class LLCMPipeline:
         return next(self.components.unet.parameters()).device
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LLCMPipeline":
-        """Move (and optionally cast: torch.float16 / torch.bfloat16 on a GPU) every model; returns self."""
+        """Move (and optionally cast: torch.float16 / torch.bfloat16 on a GPU) every model; returns self.
+
+        The model hash stays the one of the weights as loaded (computed before any cast)."""
+        if dtype is not None:
+            _ = self.model_hash
         for m in (self.components.unet, self.components.vae, self.components.text_encoder):
             if m is not None:
                 m.to(device=device, dtype=dtype)

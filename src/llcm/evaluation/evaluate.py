@@ -4,7 +4,9 @@
     generate     every (run, class, i) image as a PNG carrying its prompt, seed and steps; split across
                  processes by index (accelerate), files that exist are skipped (= resume)
     measure      FID / KID / precision-recall (k-NN manifolds), overall and per class, against the real
-                 test split (features cached); memorization of every generated image vs the train split
+                 test split (features cached); memorization of every generated image vs the train split;
+                 classifier accuracy: a small CNN trained on the train split (llcm.evaluation.classifier,
+                 cached) labels the real test images and every run's images
     evaluate     all of it, then the JSON + HTML report (llcm.evaluation.report)
 
 A model is given as ``NAME=FOLDER[:SAMPLER][@N[,N...]]`` (see `parse_model_spec`):
@@ -16,9 +18,10 @@ A model is given as ``NAME=FOLDER[:SAMPLER][@N[,N...]]`` (see `parse_model_spec`
     sd=/data/sd-images:images             images made elsewhere: FOLDER/<steps>/<class>/*.png (nothing generated)
 
 Layout of EVAL_DIR: images/<model>/<sampler>-<steps>[-k<k>]/<class>/<seed>.png (+ run.json, timing-<rank>.jsonl),
-features/ (cached generated-image features), cache/ (real test/train features and thumbnails), results.json,
-report.html. Seeds: image i of class c uses seed0 + c * 1_000_000 + i, the same for every model and step
-count, so rows are paired and any single image can be regenerated alone.
+features/ (cached generated-image features), cache/ (real test/train features and thumbnails; the classifier
+check's classifier-<key>.safetensors + .json), results.json, report.html. Seeds: image i of class c uses
+seed0 + c * 1_000_000 + i, the same for every model and step count, so rows are paired and any single image
+can be regenerated alone.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 
 from llcm.errors import UserError
+from llcm.evaluation.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
 
 SEED_STRIDE = 1_000_000
 DEFAULT_TEACHER_W = 6.5  # LCM form; Stable Diffusion's default guidance scale 7.5 = 1 + w
@@ -102,6 +106,8 @@ class EvalConfig:
     batch_size: int = 32
     classes: tuple[str, ...] | None = None
     memorization: bool = True
+    classifier: bool = True  # the classifier-accuracy check (measured from the images on disk)
+    classifier_epochs: int = CLASSIFIER_EPOCHS
     cos_threshold: float | None = None
     ssim_threshold: float | None = None
     grid_seeds: int = 1
@@ -113,6 +119,8 @@ class EvalConfig:
             raise UserError("give at least one --model NAME=FOLDER[:SAMPLER][@N]")
         if self.per_class < 1:
             raise UserError(f"--per-class must be >= 1, got {self.per_class}")
+        if self.classifier_epochs < 1:
+            raise UserError(f"--classifier-epochs must be >= 1, got {self.classifier_epochs}")
         if not 1 <= self.batch_size <= 64:
             raise UserError(f"--batch must be between 1 and 64, got {self.batch_size}")
         if any(s < 1 for s in self.steps):
@@ -161,7 +169,7 @@ def class_table(data: str, split: str, only: Sequence[str] | None = None) -> tup
         raise UserError(f"{data} has no {split!r} split (no {split}/metadata.jsonl)")
     texts: dict[str, Counter] = {}
     for r in rows:
-        texts.setdefault(str(r.get("class") or r.get("text")), Counter())[r.get("text", "")] += 1
+        texts.setdefault(class_of(r), Counter())[r.get("text", "")] += 1
     names = sorted(texts)
     if only:
         missing = [c for c in only if c not in texts]
@@ -170,8 +178,13 @@ def class_table(data: str, split: str, only: Sequence[str] | None = None) -> tup
     keep = set(only or names)
     classes = [ClassInfo(i, n, texts[n].most_common(1)[0][0], sum(texts[n].values()))
                for i, n in enumerate(names) if n in keep]
-    rows = [r for r in rows if str(r.get("class") or r.get("text")) in keep]
+    rows = [r for r in rows if class_of(r) in keep]
     return classes, rows
+
+
+def class_of(row: dict) -> str:
+    """A dataset row's class: its `class` field, else its prompt."""
+    return str(row.get("class") or row.get("text"))
 
 
 def _unet_config(folder: Path) -> dict:
@@ -598,11 +611,11 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
     out = Path(cfg.out)
     ex = get_extractor(cfg.extractor, cfg.extractor_weights, device=device)
     test_paths = [r["path"] for r in test_rows]
-    test_labels = np.array([str(r.get("class") or r.get("text")) for r in test_rows])
+    test_labels = np.array([class_of(r) for r in test_rows])
     real = split_features(ex, out, f"real-{_safe(cfg.test_split)}", test_paths, cfg.progress)
     idents = prepare_run_dirs(out, runs, cfg, write=False)
 
-    results_runs, all_gen_paths, all_gen_feats, all_thumbs, gen_owner = [], [], [], [], []
+    results_runs, all_gen_paths, all_gen_feats, all_thumbs, gen_owner, gen_labels = [], [], [], [], [], []
     for ri, run in enumerate(runs):
         pairs = run_images(out, run, classes, cfg)
         missing = [str(p) for _, p in pairs if not p.exists()]
@@ -633,6 +646,7 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
             "grid": _grid_files(pairs, classes, cfg.grid_seeds, out),
         })
         all_gen_paths += paths
+        gen_labels += labels.tolist()
         all_gen_feats.append(fake.features)
         if cfg.memorization:
             all_thumbs.append(thumbnails(paths, out / "features" / f"{_safe(run.key)}.thumbs{THUMB}.npz"))
@@ -647,12 +661,71 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
         results["memorization"] = memorization(cfg, out, ex.name, all_gen_paths, np.concatenate(all_thumbs),
                                                np.concatenate(all_gen_feats), np.array(gen_owner), train_paths, train,
                                                results_runs)
+    if cfg.classifier:
+        results["classifier"] = classifier_check(cfg, out, test_paths, test_labels.tolist(), train_rows,
+                                                 all_gen_paths, gen_labels, np.array(gen_owner), results_runs,
+                                                 classes, device)
     results["extractor"] = {"name": ex.name, "dim": ex.dim, "description": ex.description,
                             "weights_sha1": getattr(ex, "sha1", None),
                             "weights_file": str(getattr(ex, "weights_path", "")) or None}
     results["real"] = {"split": cfg.test_split, "n": int(real.n), "cache_key": real.key,
                        "per_class_n": {c.name: int((test_labels == c.name).sum()) for c in classes}}
     return results
+
+
+def classifier_check(cfg: EvalConfig, out: Path, test_paths: list[str], test_labels: list[str],
+                     train_rows: list[dict], gen_paths: list[str], gen_labels: list[str], owner: np.ndarray,
+                     runs_out: list[dict], classes: list[ClassInfo], device="cpu") -> dict:
+    """Train (or load from OUT/cache) a small CNN on every train image, then the share of real test images and
+    of each run's images it assigns to their class. Accuracies are fractions in [0, 1]; the gap is in points
+    (100 x fraction) against the class-balanced real accuracy, since every run has the same images per class."""
+    from llcm.evaluation.classifier import cached_classifier
+
+    train_paths = [r["path"] for r in train_rows]
+    train_labels = [class_of(r) for r in train_rows]
+    if len(set(train_labels)) < 2:
+        raise UserError(f"the {cfg.train_split!r} split has fewer than 2 classes; the classifier check needs "
+                        "2 or more: pass --no-classifier")
+    clf, cached = cached_classifier(out / "cache", train_paths, train_labels, seed=cfg.seed,
+                                    epochs=cfg.classifier_epochs, device=device, progress=cfg.progress)
+    t0 = time.perf_counter()
+    real_hit = np.array(clf.predict(test_paths)) == np.array(test_labels)
+    gen_hit = np.array(clf.predict(gen_paths)) == np.array(gen_labels)
+    predict_seconds = time.perf_counter() - t0
+    test_labels_a, gen_labels_a = np.array(test_labels), np.array(gen_labels)
+
+    def share(hit: np.ndarray) -> float | None:
+        return float(hit.mean()) if hit.size else None
+
+    per_class_real = {c.name: share(real_hit[test_labels_a == c.name]) for c in classes}
+    known = [v for v in per_class_real.values() if v is not None]
+    balanced = float(np.mean(known)) if known else None
+    for ri, r in enumerate(runs_out):
+        m = owner == ri
+        acc = share(gen_hit[m])
+        r["classifier_accuracy"] = acc
+        r["classifier_accuracy_gap_points"] = None if acc is None or balanced is None else 100.0 * (balanced - acc)
+        r["classifier_per_class_accuracy"] = {c.name: share(gen_hit[m & (gen_labels_a == c.name)]) for c in classes}
+    s = clf.settings
+    return {
+        "real_test_accuracy": share(real_hit), "real_test_balanced_accuracy": balanced,
+        "per_class_real_accuracy": per_class_real, "n_test": len(test_paths), "n_train": int(clf.info["n_train"]),
+        "per_class_n_train": clf.info.get("per_class_n_train"), "train_split": cfg.train_split,
+        "classes": clf.classes, "missing_from_train": [c.name for c in classes if c.name not in clf.classes],
+        "epochs": s.epochs, "steps": clf.info.get("steps"), "final_loss": clf.info.get("final_loss"),
+        "seconds": clf.info.get("seconds"), "torch_threads": clf.info.get("torch_threads"),
+        "trained_on": clf.info.get("device"), "cached": cached, "predict_seconds": predict_seconds,
+        "settings": dataclasses.asdict(s), "cache_file": f"cache/classifier-{clf.info.get('key')}.safetensors",
+        "gap_reference": "real_test_balanced_accuracy",
+        "description": (f"a small CNN (3x3 conv stem + {s.depth} stride-2 3x3 conv/GroupNorm/ReLU blocks, "
+                        f"{s.width}-{s.width * 2 ** (s.depth - 1)} channels, average + max pooling, linear) "
+                        f"trained from scratch on all {clf.info['n_train']} {cfg.train_split!r} images "
+                        f"({len(clf.classes)} classes, resized to {s.size}x{s.size} RGB) for {s.epochs} epochs "
+                        f"with AdamW (lr {s.lr:g}, cosine decay, weight decay {s.weight_decay:g}, batch "
+                        f"{s.batch_size}, seed {s.seed}); accuracy = share of images it assigns to the class they "
+                        "belong to (real) or were generated for (runs); gap = balanced real test accuracy - run "
+                        "accuracy, in points"),
+    }
 
 
 def _grid_files(pairs, classes, n_seeds: int, out: Path) -> dict[str, list[str]]:
@@ -750,7 +823,8 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
     gen_seconds = time.perf_counter() - t0
     from llcm.data import read_split
 
-    train_rows = read_split(cfg.data, cfg.train_split) if cfg.memorization else []  # every class: a copy is a copy
+    # every class: a copy is a copy, and the classifier learns every train class
+    train_rows = read_split(cfg.data, cfg.train_split) if cfg.memorization or cfg.classifier else []
     t1 = time.perf_counter()
     results = measure(cfg, runs, classes, test_rows, train_rows, device)
     results = {
@@ -761,7 +835,9 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
                      "ks": [k for k in cfg.ks], "seed": cfg.seed,
                      "seed_rule": f"seed = {cfg.seed} + class_index * {SEED_STRIDE} + i", "w": cfg.w,
                      "teacher_w": cfg.teacher_w, "batch_size": cfg.batch_size, "processes": num_processes,
-                     "memorization": cfg.memorization, "nfe_rule": "UNet evaluations per image (CFG counts 2)"},
+                     "memorization": cfg.memorization, "classifier": cfg.classifier,
+                     "classifier_epochs": cfg.classifier_epochs if cfg.classifier else None,
+                     "nfe_rule": "UNet evaluations per image (CFG counts 2)"},
         "classes": [dataclasses.asdict(c) for c in classes],
         "models": [dataclasses.asdict(m) for m in cfg.models],
         **results,
@@ -792,5 +868,5 @@ def _json_default(o):
 
 
 __all__ = ["ModelSpec", "EvalConfig", "ClassInfo", "Run", "parse_model_spec", "plan_runs", "class_table",
-           "generate", "measure", "evaluate", "nfe", "run_images", "image_path", "seed_of", "thumbnails",
-           "SEED_STRIDE", "DEFAULT_TEACHER_W"]
+           "generate", "measure", "evaluate", "classifier_check", "class_of", "nfe", "run_images", "image_path",
+           "seed_of", "thumbnails", "SEED_STRIDE", "DEFAULT_TEACHER_W"]

@@ -3,9 +3,10 @@
 Every number in an HTML table is rendered from the results dict and carries where it came from:
 ``<td class="num" data-key="/runs/3/metrics/fid" data-value="12.3456...">12.35</td>`` (a JSON Pointer into
 results.json and the exact JSON value), so a test can check that no table number is typed in by hand.
-Every table caption names the feature extractor. Plots (matplotlib) and image grids are embedded as
-base64 PNG data URIs; the results JSON itself is embedded too. `write_report(json.load(...), out)`
-rebuilds the report from results.json and the images on disk.
+Every table caption names the feature extractor (the classifier check's table names its CNN instead).
+Numbers quoted in a sentence carry the same two attributes on a ``<span>``. Plots (matplotlib) and image
+grids are embedded as base64 PNG data URIs; the results JSON itself is embedded too.
+`write_report(json.load(...), out)` rebuilds the report from results.json and the images on disk.
 """
 
 from __future__ import annotations
@@ -79,15 +80,23 @@ class Cells:
             return f'<td data-key="{ptr}">{html.escape(fmt(v))}</td>'
         return f'<td class="num" data-key="{ptr}" data-value="{html.escape(json.dumps(v))}">{fmt(v)}</td>'
 
+    def span(self, *path: Any) -> str:
+        """A number inside a sentence, with the same data-key / data-value as a table cell."""
+        ptr = pointer(*path)
+        v = resolve(self.results, ptr)
+        return f'<span class="num" data-key="{ptr}" data-value="{html.escape(json.dumps(v))}">{fmt(v)}</span>'
+
     @staticmethod
     def text(v: Any) -> str:
         return f"<td>{html.escape(fmt(v))}</td>"
 
 
-def table(caption: str, extractor: str, header: Sequence[str], rows: Iterable[Sequence[str]], note: str = "") -> str:
+def table(caption: str, extractor: str | None, header: Sequence[str], rows: Iterable[Sequence[str]],
+          note: str = "") -> str:
+    """extractor None: the numbers do not come from the feature extractor (the caption must say where from)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(r) + "</tr>" for r in rows)
-    cap = f"{html.escape(caption)} — features: <code>{html.escape(extractor)}</code>"
+    cap = html.escape(caption) + (f" — features: <code>{html.escape(extractor)}</code>" if extractor else "")
     extra = f'<p class="note">{note}</p>' if note else ""
     return f"<table><caption>{cap}</caption><tr>{head}</tr>\n{body}</table>{extra}"
 
@@ -246,10 +255,15 @@ def runs_table(results: dict, c: Cells) -> str:
     ex = results["extractor"]["name"]
     header = ["model", "sampler", "distilled with", "k", "steps", "NFE", "w", "images", "FID", "KID", "KID std",
               "precision", "recall", "density", "coverage", "s / image", "flagged copies"]
+    clf = results.get("classifier")
+    if clf:
+        header += ["classifier accuracy", "accuracy gap (points)"]
     rows = []
     for i, r in enumerate(results["runs"]):
         dw = r.get("distilled_with") or {}
         mem = [c.num("runs", i, "memorization", "share_flagged")] if "memorization" in r else ["<td></td>"]
+        if clf:
+            mem += [c.num("runs", i, "classifier_accuracy"), c.num("runs", i, "classifier_accuracy_gap_points")]
         rows.append([c.text(r["label"]), c.text(r["sampler"]), c.text(dw.get("solver") or ""),
                      c.num("runs", i, "k"), c.num("runs", i, "steps"), c.num("runs", i, "nfe"), c.num("runs", i, "w"),
                      c.num("runs", i, "n_images"), c.num("runs", i, "metrics", "fid"),
@@ -260,7 +274,12 @@ def runs_table(results: dict, c: Cells) -> str:
     return table("All runs: FID, KID, precision/recall (k-NN manifolds, k=3) against the real test split", ex,
                  header, rows, note="NFE = UNet evaluations per image (a CFG step counts 2). s / image = wall time "
                  "of sampling + VAE decoding per image, over every process and session that generated the run. "
-                 "flagged copies = share of the run's images flagged by the memorization check.")
+                 "flagged copies = share of the run's images flagged by the memorization check." +
+                 (" classifier accuracy = share of the run's images that the classifier check's CNN (trained on the "
+                  f"{html.escape(clf['train_split'])} split; below) assigns to their prompt's class; on the real "
+                  f"test images it scores {c.span('classifier', 'real_test_accuracy')} (class-balanced "
+                  f"{c.span('classifier', 'real_test_balanced_accuracy')}); gap = class-balanced real accuracy − "
+                  "run accuracy, in points (100 × fraction)." if clf else ""))
 
 
 def per_class_table(results: dict, c: Cells, metric: str, title: str) -> str:
@@ -272,6 +291,36 @@ def per_class_table(results: dict, c: Cells, metric: str, title: str) -> str:
     return table(title, ex, ["run"] + classes, rows + [counts],
                  note="Per-class scores use that class's generated images against that class's test images; with "
                       "few images per class they are noisy and biased (FID upwards) — compare runs, not classes.")
+
+
+def classifier_section(results: dict, c: Cells) -> str:
+    clf = results.get("classifier")
+    if not clf:
+        return "<h2>Classifier check</h2><p>Not run (--no-classifier).</p>"
+    classes = [k["name"] for k in results["classes"]]
+    parts = ["<h2>Classifier check: do the images show their prompt's class?</h2>",
+             f"<p>A classifier trained on the {c.span('classifier', 'n_train')} images of the "
+             f"<code>{html.escape(clf['train_split'])}</code> split ({c.span('classifier', 'epochs')} epochs, "
+             f"{c.span('classifier', 'seconds')} s to train{', loaded from the cache' if clf.get('cached') else ''}) "
+             f"assigns {c.span('classifier', 'real_test_accuracy')} of the "
+             f"{c.span('classifier', 'n_test')} real test images to their class (class-balanced: "
+             f"{c.span('classifier', 'real_test_balanced_accuracy')}). A run whose accuracy is close to that "
+             "produces images the classifier recognizes as well as real ones; a gap of many points means "
+             "the images miss what makes their class recognizable (or show another class).</p>",
+             f'<p class="note">Classifier: {html.escape(clf["description"])}.</p>']
+    if clf.get("missing_from_train"):
+        parts.append(f'<p class="warn">Classes with no train images (the classifier cannot name them): '
+                     f'{html.escape(", ".join(clf["missing_from_train"]))}.</p>')
+    rows = [[c.text("real test images")] + [c.num("classifier", "per_class_real_accuracy", cl) for cl in classes]
+            + [c.num("classifier", "real_test_accuracy")]]
+    rows += [[c.text(r["key"])] + [c.num("runs", i, "classifier_per_class_accuracy", cl) for cl in classes]
+             + [c.num("runs", i, "classifier_accuracy")]
+             for i, r in enumerate(results["runs"]) if "classifier_per_class_accuracy" in r]
+    parts.append(table("Classifier accuracy by class (a CNN trained on the train split, not the feature extractor)",
+                       None, ["images"] + classes + ["all"], rows,
+                       note="Share of each class's images assigned to that class. Generated images: the class "
+                            "they were prompted for."))
+    return "\n".join(parts)
 
 
 def memorization_section(results: dict, c: Cells, out: Path) -> str:
@@ -362,6 +411,7 @@ def render_html(results: dict, out: Path) -> str:
               "<h2>Per-class scores</h2>", per_class_table(results, c, "fid", "Per-class FID"),
               per_class_table(results, c, "kid_mean", "Per-class KID"),
               per_class_table(results, c, "recall", "Per-class recall"),
+              classifier_section(results, c),
               "<h2>Image grids (classes × steps)</h2>"]
     for title, png in class_step_grids(results, out):
         parts.append(f"<h3>{html.escape(title)}</h3>{_img(png, title)}")
