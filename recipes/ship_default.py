@@ -57,8 +57,8 @@ def quality_table(results: dict) -> tuple[str, dict]:
     teacher = runs.get("teacher/ddim-50")
     t_fid = teacher["metrics"]["fid"] if teacher else None
     real_acc = (results.get("classifier") or {}).get("real_test_accuracy")
-    lines = ["| model | sampler | steps | NFE | FID | FID / teacher | KID x1e3 | precision | recall | classifier accuracy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | sampler | steps | NFE | FID | FID / teacher | KID x1e3 | precision | recall | classifier accuracy | gap (points) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {"teacher_ddim50_fid": t_fid, "real_test_classifier_accuracy": real_acc, "students": {}}
     for r in results["runs"]:
         m = r["metrics"]
@@ -66,10 +66,12 @@ def quality_table(results: dict) -> tuple[str, dict]:
         acc = r.get("classifier_accuracy")
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r.get('nfe') or r['steps']} | {fmt(m['fid'])} | "
                      f"{fmt(ratio)} | {fmt(m['kid_mean'] * 1e3)} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
-                     f"{fmt(acc * 100 if acc is not None else None, 1)}{'%' if acc is not None else ''} |")
+                     f"{fmt(acc * 100 if acc is not None else None, 1)}{'%' if acc is not None else ''} | "
+                     f"{fmt(r.get('classifier_accuracy_gap_points'), 1)} |")
         if r["model"] in STUDENTS:
             summary["students"].setdefault(r["model"], {})[str(r["steps"])] = {
-                "fid": m["fid"], "fid_over_teacher": ratio, "classifier_accuracy": acc}
+                "fid": m["fid"], "fid_over_teacher": ratio, "classifier_accuracy": acc,
+                "classifier_gap_points": r.get("classifier_accuracy_gap_points")}
     return "\n".join(lines), summary
 
 
@@ -132,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     why = (f"{student} has the lower FID at 4 steps ({fmt(s4[student]['4']['fid'])} vs "
            f"{fmt(s4[other[0]]['4']['fid'])} for {other[0]})" if other else f"{student} is the only student")
     acc = summary["real_test_classifier_accuracy"]
-    clf_sentence = (f"it scores {acc * 100:.1f}% on the real test split." if acc is not None
+    clf = results.get("classifier") or {}
+    clf_sentence = (f"it scores {acc * 100:.1f}% on the real test split (class-balanced "
+                    f"{clf.get('real_test_balanced_accuracy', acc) * 100:.1f}%; the gap column is that minus the "
+                    "run's accuracy, in points)." if acc is not None
                     else "not measured in this evaluation.")
     mem_sentence = (f"Memorization (nearest training image of every generated image): {mem['n_flagged']} of "
                     f"{mem['n_gen']} generated images flagged as possible copies of the {mem['n_train']} training "

@@ -19,3 +19,12 @@ def tiny_student():
         proj = unet.time_embedding.cond_proj.weight
         proj.copy_(torch.randn(proj.shape, generator=g) * 0.05)
     return dataclasses.replace(comps, unet=unet)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a small shared machine, more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

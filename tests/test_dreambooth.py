@@ -15,13 +15,7 @@ from llcm.training import TrainConfig, step_generator, train
 from train_worker import PROMPTS, micro_components, micro_data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small shared machine, more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _task(**kw) -> DreamBoothTask:

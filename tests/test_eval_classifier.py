@@ -24,12 +24,7 @@ FAST = ClassifierSettings(size=32)  # the tests' images are 32 px; the default (
 EPOCHS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pattern(cls: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:

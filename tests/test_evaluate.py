@@ -70,13 +70,7 @@ def make_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small shared machine, more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 MODELS = ["teacher={teacher}:ddim@3", "teacher={teacher}:dpmpp@2", "llcm={llcm}"]
