@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="recipe run folder (bash recipes/mini.sh RUN)")
     ap.add_argument("--dest", type=Path, default=Path(__file__).resolve().parents[1] / "src/llcm/default_model")
     ap.add_argument("--student", choices=sorted(STUDENTS), default=None, help="override the choice by FID")
+    ap.add_argument("--run-note", default="", help="a sentence about the run for the card (interruptions, load)")
     args = ap.parse_args(argv)
     run, dest = args.run, args.dest
     results = json.loads((run / "eval" / "results.json").read_text())
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     card = {"student": student, "solver": STUDENTS[student], "model_hash": reference["model_hash"], "files": hashes,
             "bytes": size, "reference": reference, "quality": summary, "extractor": results.get("extractor"),
             "per_class_images": results.get("settings", {}).get("per_class"), "llcm": llcm_cfg,
-            "recipe_stage_seconds": dict(times), "memorization": {k: mem.get(k) for k in
+            "recipe_stage_seconds": dict(times), "run_note": args.run_note, "memorization": {k: mem.get(k) for k in
                                                                   ("n_gen", "n_train", "n_flagged", "share_flagged")}}
     (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     other = [n for n in s4 if n != student]
@@ -174,6 +175,7 @@ python recipes/ship_default.py runs/mini  # this folder
 
 Stage times of the run that produced these weights, as its timing.txt recorded them (seconds; see the
 README for the machine and the load it shared): {", ".join(f"{n} {s}" for n, s in times) or "(not recorded)"}.
+{args.run_note}
 
 Settings (from the run's config.json files): VAE {configs.get('vae', {}).get('max_steps', '?')} steps, teacher
 {configs.get('teacher', {}).get('max_steps', '?')} steps x batch {configs.get('teacher', {}).get('batch_size', '?')},

@@ -232,7 +232,7 @@ def default_model_path() -> Path | None:
     return p if (p / "model_index.json").exists() else None
 
 
-def load_pipeline(spec: str | None) -> LLCMPipeline:
+def load_pipeline(spec: str | None = None) -> LLCMPipeline:
     """A pipeline from a local folder, a preset name (untrained weights) or, when None, the default model."""
     from llcm.models import add_guidance_embedding, build_tiny_components, list_presets, load_preset
 
