@@ -33,6 +33,7 @@ from llcm.latents import LatentSet
 from llcm.losses import DenoiserNet, DenoisingLoss
 from llcm.models import Components, encode_prompts
 from llcm.schedules import Schedule
+from llcm.training import TaskBase
 
 Tensor = torch.Tensor
 SET_FORMAT = "llcm-dreambooth-set-v1"
@@ -75,7 +76,7 @@ def class_rows(data: LatentSet, which: str) -> tuple[Tensor, str, str]:
     raise UserError(f"class {which!r} is not in the latent cache; it has: {', '.join(map(str, classes))}")
 
 
-class DreamBoothTask:
+class DreamBoothTask(TaskBase):
     """A Task for llcm.training.train: one class, instance loss + lambda * prior-preservation loss."""
 
     name = "dreambooth"
