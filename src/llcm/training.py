@@ -90,6 +90,9 @@ class Task(Protocol):
     def sample_grid(self):  # -> PIL.Image | None
         ...
 
+    def to(self, device: torch.device) -> None:
+        """Move the frozen helpers to the training device (TaskBase does it for every nn.Module attribute)."""
+
 
 class TaskBase:
     """Defaults for the optional parts of a Task: the loss is `self.loss_fn`, no EMA, no extra state."""
