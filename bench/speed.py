@@ -6,7 +6,9 @@ On the default model (64x64), for each batch size:
   P2 = teacher 50-step DDIM with CFG / llcm 4-step call                        target >= 20
   P3 = llcm 4-step call / diffusers' LatentConsistencyModelPipeline 4-step    target <= 1.0
        on the same weights (the model folder is a diffusers folder), same prompts, w and seeds
-plus images/s and peak memory. Each time is the median of --repeats runs after warm-up runs.
+plus images/s and peak memory. Each time is the median of --repeats runs after a warm-up run, the
+four measurements timed in alternation (round by round; the teacher every other round) so that a drift
+in the machine's speed hits all of them alike.
 The teacher is the model's teacher when --teacher is given; otherwise a UNet of the teacher's
 architecture (the student without its w embedding, same weights): its time does not depend on the
 weights. The last lines are the headline ratios, at the largest batch (`P1 1.04`).
@@ -64,6 +66,25 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 2) -> f
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, device: torch.device, repeats: int, every: dict | None = None) -> dict:
+    """Median seconds of each function, timed in alternation (each round runs each function once; a
+    function in `every` only every n-th round) so that drifts in the machine's speed hit all alike."""
+    every = every or {}
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if r % every.get(name, 1):
+                continue
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -98,7 +119,7 @@ def measure_batch(pipe: LLCMPipeline, t_unet, batch: int, repeats: int, diffuser
     def llcm():
         return pipe(prompts, steps=4, seeds=seeds)
 
-    t_llcm = median_seconds(llcm, dev, repeats)
+    llcm()
     mem = peak_memory_mib(dev)
 
     embeds = encode_prompts(c, prompts)
@@ -112,8 +133,6 @@ def measure_batch(pipe: LLCMPipeline, t_unet, batch: int, repeats: int, diffuser
             c.unet(z, torch.full((batch,), t, device=dev), encoder_hidden_states=embeds, timestep_cond=cond)
         c.vae.decode(z / c.scaling_factor)
 
-    t_parts = median_seconds(parts, dev, repeats)
-
     @torch.no_grad()
     def teacher():
         both = encode_prompts(c, [PROMPT, ""])
@@ -123,10 +142,8 @@ def measure_batch(pipe: LLCMPipeline, t_unet, batch: int, repeats: int, diffuser
                         device=dev, dtype=emb.dtype)
         return decode_latents(c, z0)
 
-    t_teacher = median_seconds(teacher, dev, max(3, repeats // 2), warmup=1)
-    row = {"batch": batch, "llcm_s": t_llcm, "parts_s": t_parts, "teacher_ddim50_cfg_s": t_teacher,
-           "images_per_s": batch / t_llcm, "peak_mib": mem,
-           "P1": t_llcm / t_parts, "P2": t_teacher / t_llcm}
+    fns = {"llcm": llcm, "parts": parts, "teacher": teacher}
+    dp = None
     if diffusers_folder:
         from diffusers import LatentConsistencyModelPipeline
 
@@ -141,9 +158,14 @@ def measure_batch(pipe: LLCMPipeline, t_unet, batch: int, repeats: int, diffuser
             return dp(prompt=prompts, num_inference_steps=4, guidance_scale=w + 1, generator=gens, output_type="np",
                       height=size, width=size).images
 
-        t_diffusers = median_seconds(theirs, dev, repeats)
-        row.update(diffusers_lcm_s=t_diffusers, P3=t_llcm / t_diffusers)
-        del dp
+        fns["diffusers"] = theirs
+    t = interleaved_medians(fns, dev, repeats, every={"teacher": 2})
+    row = {"batch": batch, "llcm_s": t["llcm"], "parts_s": t["parts"], "teacher_ddim50_cfg_s": t["teacher"],
+           "images_per_s": batch / t["llcm"], "peak_mib": mem,
+           "P1": t["llcm"] / t["parts"], "P2": t["teacher"] / t["llcm"]}
+    if "diffusers" in t:
+        row.update(diffusers_lcm_s=t["diffusers"], P3=t["llcm"] / t["diffusers"])
+    del dp
     return row
 
 
