@@ -45,7 +45,7 @@ def stage_times(run: Path) -> list[tuple[str, int]]:
     out, last = [], 0
     f = run / "timing.txt"
     for line in f.read_text().splitlines() if f.exists() else []:
-        name, _, at = line.removeprefix("[recipe] ").rpartition(" done at ")
+        name, _, at = line.split("] ", 1)[-1].rpartition(" done at ")
         sec = int(at.rstrip("s"))
         out.append((name, sec - last))
         last = sec
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dest", type=Path, default=Path(__file__).resolve().parents[1] / "src/llcm/default_model")
     ap.add_argument("--student", choices=sorted(STUDENTS), default=None, help="override the choice by FID")
     ap.add_argument("--run-note", default="", help="a sentence about the run for the card (interruptions, load)")
+    ap.add_argument("--recipe", default="bash recipes/mini.sh runs/mini",
+                    help="the recipe command that made RUN, for the card (e.g. 'PROFILE=gpu bash recipes/mini.sh runs/mini')")
     args = ap.parse_args(argv)
     run, dest = args.run, args.dest
     results = json.loads((run / "eval" / "results.json").read_text())
@@ -122,13 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     configs = {name: json.loads((run / folder / "config.json").read_text())
                for name, folder in (("vae", "vae"), ("teacher", "teacher"), ("student", f"llcm-{STUDENTS[student]}"))
                if (run / folder / "config.json").exists()}
+    trained = {}  # steps actually trained (a time limit can end a run before its max_steps) and batch
+    for name, folder in (("vae", "vae"), ("teacher", "teacher"), *((n, f"llcm-{v}") for n, v in STUDENTS.items())):
+        f = run / folder / "summary.json"
+        cfg = json.loads((run / folder / "config.json").read_text()) if (run / folder / "config.json").exists() else {}
+        if f.exists():
+            trained[name] = {"steps": json.loads(f.read_text())["step"], "batch": cfg.get("train", {}).get("batch_size")}
     times = stage_times(run)
     s4 = summary["students"]
     mem = results.get("memorization") or {}
     card = {"student": student, "solver": STUDENTS[student], "model_hash": reference["model_hash"], "files": hashes,
             "bytes": size, "reference": reference, "quality": summary, "extractor": results.get("extractor"),
             "per_class_images": results.get("settings", {}).get("per_class"), "llcm": llcm_cfg,
-            "recipe_stage_seconds": dict(times), "run_note": args.run_note, "memorization": {k: mem.get(k) for k in
+            "recipe_stage_seconds": dict(times), "recipe": args.recipe, "trained": trained,
+            "run_note": args.run_note, "memorization": {k: mem.get(k) for k in
                                                                   ("n_gen", "n_train", "n_flagged", "share_flagged")}}
     (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     other = [n for n in s4 if n != student]
@@ -169,7 +178,7 @@ sources' licences are listed there.
 ## Recipe
 
 ```
-bash recipes/mini.sh runs/mini          # data, VAE, teacher, both students, evaluation
+{args.recipe}          # data, VAE, teacher, both students, evaluation
 python recipes/ship_default.py runs/mini  # this folder
 ```
 
@@ -177,9 +186,8 @@ Stage times of the run that produced these weights, as its timing.txt recorded t
 README for the machine and the load it shared): {", ".join(f"{n} {s}" for n, s in times) or "(not recorded)"}.
 {args.run_note}
 
-Settings (from the run's config.json files): VAE {configs.get('vae', {}).get('max_steps', '?')} steps, teacher
-{configs.get('teacher', {}).get('max_steps', '?')} steps x batch {configs.get('teacher', {}).get('batch_size', '?')},
-students {configs.get('student', {}).get('max_steps', '?')} steps x batch {configs.get('student', {}).get('batch_size', '?')} each.
+Steps trained x batch (from the run's summary.json and config.json files): {"; ".join(
+        f"{n} {t['steps']} x {t['batch']}" for n, t in trained.items()) or "(not recorded)"}.
 
 ## Quality
 

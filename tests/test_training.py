@@ -160,3 +160,48 @@ def test_task_to_moves_every_frozen_helper(teacher_run):
     for name, module in helpers.items():
         assert {p.device.type for p in module.parameters()} == {"meta"}, name
     assert task.embeds.device.type == "cpu"  # batches are drawn on the CPU, then moved per step
+
+
+def test_time_limit_ends_early_with_a_model_and_resume_continues(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path), max_steps=100000, batch_size=8, lr=1e-3, log_every=1, progress=False,
+                      checkpoint_every=100000, time_limit_minutes=0.5 / 60)
+    t0 = time.perf_counter()
+    summary = train(TeacherTask(micro_components(), micro_data()), cfg)
+    assert time.perf_counter() - t0 < 20
+    stopped = summary["step"]
+    assert summary["status"] == "finished" and 0 < stopped < 100000
+    assert "time limit" in summary["stopped_by"]
+    assert (tmp_path / "model" / "llcm.json").exists()
+    assert (tmp_path / "checkpoints" / f"checkpoint-{stopped:07d}").is_dir()
+    cfg.max_steps, cfg.time_limit_minutes = stopped + 2, 0.0
+    again = train(TeacherTask(micro_components(), micro_data()), cfg, resume=True)
+    assert again["step"] == stopped + 2 and "stopped_by" not in again
+
+
+def test_teacher_can_train_its_text_encoder(tmp_path):
+    """Prompts "normal" / "nodule" with two latent patterns: with its text encoder trained, the saved teacher's
+    x0 prediction from an ambiguous noisy latent follows the prompt (the encoder weights changed and were saved)."""
+    from llcm.latents import LatentSet
+    from llcm.models import encode_prompts
+
+    prompts = ["normal", "nodule"]
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(2, 4, 8, 8, generator=g)
+    cls = torch.arange(64) % 2
+    data = LatentSet(protos[cls] + 0.05 * torch.randn(64, 4, 8, 8, generator=g), cls, prompts, {})
+    cfg = TrainConfig(out=str(tmp_path), max_steps=300, batch_size=16, lr=2e-3, progress=False,
+                      checkpoint_every=10000)
+    train(TeacherTask(micro_components(), data, train_text_encoder=True), cfg)
+    trained, start = load_components(tmp_path / "model"), micro_components()
+    a, b = trained.text_encoder.state_dict(), start.text_encoder.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in b)
+    t = torch.full((2,), 700)
+    alpha, sigma = (v.float().view(-1, 1, 1, 1) for v in Schedule.scaled_linear().alpha_sigma(t))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)).expand(2, -1, -1, -1)
+    z_t = alpha * protos.mean(0, keepdim=True) + sigma * noise  # halfway between the two patterns
+    with torch.no_grad():
+        eps = trained.unet(z_t, t, encoder_hidden_states=encode_prompts(trained, prompts)).sample
+    d = torch.cdist(((z_t - sigma * eps) / alpha).flatten(1), protos.flatten(1))  # [prompt, pattern]
+    assert d[0, 0] < d[0, 1] and d[1, 1] < d[1, 0], d
+    with pytest.raises(Exception, match="LoRA"):
+        TeacherTask(micro_components(), data, train_text_encoder=True, lora_rank=4)

@@ -28,6 +28,8 @@ def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--checkpoint-every", type=int, default=500)
     g.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="stop after this much training time and save the model as if finished (default: none)")
     g.add_argument("--dry-run", action="store_true", help="print the configuration and exit")
     g.add_argument("--preset", default="tiny-cpu", help="named preset for defaults and the tiny architecture "
                    "(tiny-cpu, sd15, sd21-base)")
@@ -39,7 +41,8 @@ def loop_config(args: argparse.Namespace, defaults: dict):
     return TrainConfig(out=args.out, max_steps=args.steps or defaults["steps"], batch_size=args.batch or defaults["batch"],
                        grad_accum=args.grad_accum, lr=args.lr or defaults["lr"], weight_decay=args.weight_decay,
                        warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, sample_every=args.sample_every)
+                       checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+                       time_limit_minutes=getattr(args, "time_limit", 0.0))
 
 
 def preset_defaults(name: str | None, section: str) -> dict:
@@ -116,6 +119,10 @@ def register_teacher(train_sub) -> None:
                    "UNet (e.g. the output of `llcm train vae` plus the preset's text encoder)")
     p.add_argument("--cond-dropout", type=float, default=0.1, help="prompt dropout for CFG (default 0.1)")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="train the text encoder with the UNet (full fine-tune only): needed when it starts from "
+                        "random weights, as the tiny preset's does, so that prompts differing in one word "
+                        "(normal / nodule) condition differently")
     add_loop_options(p, d)
     p.set_defaults(func=run_teacher)
 
@@ -149,7 +156,8 @@ def run_teacher(args) -> int:
     _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     comps = teacher_components(args)
     data = _load_latents(args.latents, comps)
-    return _run(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank),
+    return _run(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank,
+                                    train_text_encoder=args.train_text_encoder),
                 args, d, "teacher")
 
 

@@ -64,6 +64,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows (default 10)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="stop after this much training time and save the model as if finished (default: none)")
     p.add_argument("--dry-run", action="store_true", help="check the data, print the config, train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train_vae)
@@ -116,7 +118,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
                             f"images are {train_split.width}x{train_split.height}")
     cfg = TrainConfig(out=args.out, max_steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
                       lr=args.lr, warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=not args.quiet)
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=not args.quiet,
+                      time_limit_minutes=args.time_limit)
     cfg.validate()
     extra = {"data": str(train_split.root), "data_hash": train_split.data_hash, "train_images": len(train_split),
              "eval_split": eval_split.split if eval_split else "train (no test split)",

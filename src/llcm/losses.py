@@ -29,20 +29,30 @@ def distance(a: Tensor, b: Tensor, kind: str = "huber", huber_c: float = 0.001) 
 
 
 class DenoiserNet(nn.Module):
-    """The teacher's trainable network: the UNet's raw prediction (epsilon or v)."""
+    """The teacher's trainable network: the UNet's raw prediction (epsilon or v).
 
-    def __init__(self, unet: nn.Module):
+    With a ``text_encoder`` and the token ids of the dataset's distinct prompts (``input_ids`` [P, L]),
+    the text encoder trains too: the condition is then a row index into those prompts, and all P are
+    encoded once per call (P is small) so every row's gradient reaches the encoder.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, input_ids: Tensor | None = None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.text_encoder = unet, text_encoder
+        if text_encoder is not None:
+            self.register_buffer("input_ids", input_ids, persistent=False)
 
-    def forward(self, z: Tensor, t: Tensor, embeds: Tensor) -> Tensor:
-        return self.unet(z, t, encoder_hidden_states=embeds).sample
+    def forward(self, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        if self.text_encoder is not None:  # cond: [B] row indices into input_ids
+            cond = self.text_encoder(self.input_ids)[0][cond]
+        return self.unet(z, t, encoder_hidden_states=cond).sample
 
 
 class DenoisingLoss:
     """Teacher (diffusion) loss: || net(alpha_t z0 + sigma_t eps, t, c) - target ||^2, target eps or v.
 
-    batch: z0 [B,C,h,w], noise like z0, t [B] long, embeds [B,L,D] (already dropped to null for CFG).
+    batch: z0 [B,C,h,w], noise like z0, t [B] long, embeds [B,L,D] (already dropped to null for CFG), or
+    prompt_rows [B] long when the network encodes the prompts itself (text encoder trained).
     """
 
     def __init__(self, schedule: Schedule, prediction_type: str = "epsilon"):
@@ -52,7 +62,8 @@ class DenoisingLoss:
         z0, noise, t = batch["z0"], batch["noise"], batch["t"]
         a, s = (expand_like(v, z0) for v in self.schedule.alpha_sigma(t))
         target = x0_eps_to_target(z0, noise, a, s, self.prediction_type)
-        pred = net(a * z0 + s * noise, t, batch["embeds"])
+        cond = batch["embeds"] if "embeds" in batch else batch["prompt_rows"]
+        pred = net(a * z0 + s * noise, t, cond)
         return distance(pred, target, "l2")
 
 

@@ -31,6 +31,13 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv1", "conv2", "time_emb_proj"]
 
 
+def prompt_ids(components: Components, prompts: list[str]) -> Tensor:
+    """Token ids [P, L] of prompts, padded as encode_prompts pads them."""
+    tok = components.tokenizer
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def prompt_table(components: Components, prompts: list[str], batch: int = 64) -> Tensor:
     """Embeddings of each distinct prompt, [P, L, D], computed once with the frozen text encoder."""
@@ -90,21 +97,32 @@ class TeacherTask(_PromptData):
     name = "teacher"
 
     def __init__(self, components: Components, data: LatentSet, schedule: Schedule | None = None,
-                 cond_dropout: float = 0.1, lora_rank: int = 0, sample_prompts: list[str] | None = None):
+                 cond_dropout: float = 0.1, lora_rank: int = 0, sample_prompts: list[str] | None = None,
+                 train_text_encoder: bool = False):
         super().__init__(components, data)
         if components.text_encoder is None:
             raise UserError("the teacher needs a text encoder (text-conditioned UNet)")
         if not 0 <= cond_dropout < 1:
             raise UserError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+        if train_text_encoder and lora_rank:
+            raise UserError("train the text encoder with a full fine-tune, not with LoRA (--lora-rank 0)")
+        if train_text_encoder and getattr(components.text_encoder.config, "use_attention_mask", False):
+            raise UserError("training a text encoder that needs an attention mask is not supported")
         self.schedule = schedule or Schedule.scaled_linear()
         self.cond_dropout = cond_dropout
+        self.train_text_encoder = train_text_encoder
         unet = components.unet
         unet.train()
         components.vae.requires_grad_(False)
-        components.text_encoder.requires_grad_(False)
+        components.text_encoder.requires_grad_(train_text_encoder)
         if lora_rank:
             add_lora(unet, lora_rank)
-        self.trainable = DenoiserNet(unet)
+        if train_text_encoder:  # the null prompt "" is the last row: CFG's unconditional branch trains too
+            ids = prompt_ids(components, list(data.prompts) + [""])
+            components.text_encoder.train()
+            self.trainable = DenoiserNet(unet, components.text_encoder, ids)
+        else:
+            self.trainable = DenoiserNet(unet)
         self.loss_fn = DenoisingLoss(self.schedule, components.prediction_type)
         self.sample_prompts = sample_prompts or list(dict.fromkeys(data.prompts))[:8]
 
@@ -112,12 +130,18 @@ class TeacherTask(_PromptData):
         b = len(idx)
         z0 = self.data.latents[idx]
         drop = torch.rand(b, generator=gen) < self.cond_dropout
-        embeds = self.embeds[self.data.prompt_index[idx]].clone()
+        batch = {"z0": z0, "noise": torch.randn(z0.shape, generator=gen),
+                 "t": torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen)}
+        rows = self.data.prompt_index[idx].clone()
+        if self.train_text_encoder:
+            rows[drop] = len(self.data.prompts)  # the "" row
+            return {**batch, "prompt_rows": rows}
+        embeds = self.embeds[rows].clone()
         embeds[drop] = self.null
-        return {"z0": z0, "noise": torch.randn(z0.shape, generator=gen),
-                "t": torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen), "embeds": embeds}
+        return {**batch, "embeds": embeds}
 
     def final_components(self) -> Components:
+        self.components.text_encoder.eval()
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
     def save_model(self, folder: Path) -> Path:
@@ -138,10 +162,10 @@ class TeacherTask(_PromptData):
         was = unet.training
         unet.eval()
         p = self.sample_prompts
-        emb = prompt_table(c, p)
         device = next(unet.parameters()).device
-        emb = emb.to(device)
-        den = cfg_denoiser(unet, self.schedule, c.prediction_type, emb, self.null.to(device).expand_as(emb), 4.0)
+        table = prompt_table(c, p + [""]).to(device)  # fresh: the text encoder may be training
+        emb, null = table[:-1], table[-1:]
+        den = cfg_denoiser(unet, self.schedule, c.prediction_type, emb, null.expand_as(emb), 4.0)
         shape = tuple(self.data.latents.shape[1:])
         z = sample_ode(den, self.schedule, "ddim", make_generators(range(len(p))), shape, teacher_timesteps(20),
                        device=device)
@@ -203,6 +227,7 @@ class _ConsistencyTask(_PromptData):
         return {"target": self.target}
 
     def final_components(self) -> Components:
+        self.components.text_encoder.eval()
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
     def llcm_config(self):

@@ -52,12 +52,16 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     progress: bool = True
+    time_limit_minutes: float = 0.0  # > 0: end as finished (model saved) after this much training time
+
 
     def validate(self) -> None:
         if self.max_steps < 1:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise UserError("batch_size and grad_accum must be >= 1")
+        if self.time_limit_minutes < 0:
+            raise UserError(f"time limit must be >= 0 minutes, got {self.time_limit_minutes}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -98,6 +102,7 @@ class TaskBase:
     """Defaults for the optional parts of a Task: the loss is `self.loss_fn`, no EMA, no extra state."""
 
     loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor]
+    trained_steps: int = 0  # set by train() before save_model (a time limit can end a run early)
 
     def loss(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return self.loss_fn(net, batch)
@@ -292,7 +297,8 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     bar = tqdm(total=config.max_steps, initial=step, desc=task.name, disable=not (config.progress and
                acc.is_main_process), dynamic_ncols=True)
     last_loss, t_last, seen_since = float("nan"), time.perf_counter(), 0
-    status = "finished"
+    deadline = t_last + 60 * config.time_limit_minutes if config.time_limit_minutes > 0 else math.inf
+    status, timed_out = "finished", False
     try:
         while step < config.max_steps:
             gen = step_generator(config.seed, step)
@@ -341,7 +347,10 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                                 writer.add_scalar(f"train/{k}", v, step)
                 if config.sample_every and step % config.sample_every == 0:
                     _save_sample(task, out, step, writer)
-            if step % config.checkpoint_every == 0 or step == config.max_steps or stop.signal:
+            if deadline < math.inf:  # every process must agree to stop at the same step
+                late = torch.tensor(float(time.perf_counter() > deadline), device=acc.device)
+                timed_out = bool(acc.reduce(late, reduction="sum") > 0)
+            if step % config.checkpoint_every == 0 or step == config.max_steps or stop.signal or timed_out:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     save_checkpoint(out / "checkpoints", step, task, acc.unwrap_model(model), optimizer,
@@ -353,6 +362,12 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                     print(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved. "
                           "Continue with --resume.", file=sys.stderr)
                 break
+            if timed_out:
+                if acc.is_main_process:
+                    print(f"\ntime limit of {config.time_limit_minutes:g} min reached at step {step} of "
+                          f"{config.max_steps}; saving the model (--resume with more time continues).",
+                          file=sys.stderr)
+                break
     finally:
         bar.close()
         for s, h in old.items():
@@ -360,9 +375,12 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
         if log_file:
             log_file.close()
     summary = {"task": task.name, "status": status, "step": step, "loss": last_loss, "out": str(out)}
+    if timed_out:
+        summary["stopped_by"] = f"time limit ({config.time_limit_minutes:g} min) at step {step} of {config.max_steps}"
     if status == "finished":
         acc.wait_for_everyone()
         if acc.is_main_process:
+            task.trained_steps = step
             folder = task.save_model(out / "model")
             summary["model"] = str(folder)
             _save_sample(task, out, step, writer)

@@ -355,7 +355,7 @@ class VAETask(TaskBase):
         h, w = self.train_pixels.shape[-2:]
         if h == w:
             vae.register_to_config(sample_size=int(h))
-        report = {**ev, "steps": self.steps, "kl_weight": self.loss_fn.kl_weight,
+        report = {**ev, "steps": self.trained_steps or self.steps, "kl_weight": self.loss_fn.kl_weight,
                   "loss": "L1 + L2 + kl_weight * KL / (3HW); no perceptual term (no offline feature network)",
                   "image_size": [int(h), int(w)], "latent_shape": list(self.latent_shape),
                   "train_images": len(self.train_pixels), "vae_hash": vae_hash(vae), **self.source}
