@@ -227,7 +227,6 @@ class _ConsistencyTask(_PromptData):
         return {"target": self.target}
 
     def final_components(self) -> Components:
-        self.components.text_encoder.eval()
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
     def llcm_config(self):

@@ -54,7 +54,6 @@ class TrainConfig:
     progress: bool = True
     time_limit_minutes: float = 0.0  # > 0: end as finished (model saved) after this much training time
 
-
     def validate(self) -> None:
         if self.max_steps < 1:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
