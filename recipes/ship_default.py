@@ -121,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     data_classes = (data_card[data_card.index("## Classes"):].strip().replace("## Classes", "### Classes")
                     if "## Classes" in data_card else "")
     llcm_cfg = json.loads((tmp / "llcm.json").read_text())
-    configs = {name: json.loads((run / folder / "config.json").read_text())
-               for name, folder in (("vae", "vae"), ("teacher", "teacher"), ("student", f"llcm-{STUDENTS[student]}"))
-               if (run / folder / "config.json").exists()}
     trained = {}  # steps actually trained (a time limit can end a run before its max_steps) and batch
     for name, folder in (("vae", "vae"), ("teacher", "teacher"), *((n, f"llcm-{v}") for n, v in STUDENTS.items())):
         f = run / folder / "summary.json"

@@ -322,6 +322,13 @@ def components_from_preset(preset: dict, base: str | os.PathLike | None = None, 
 # Text conditioning
 
 
+def tokenize_prompts(components: Components, prompts: list[str]):
+    """Token ids (and mask) padded to the tokenizer's max length, as diffusers' SD/LCM pipelines pad them."""
+    tok = components.tokenizer
+    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt")
+
+
 @torch.no_grad()
 def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """Text embeddings [B, 77, hidden], computed exactly as diffusers' SD/LCM pipelines' ``prompt_embeds``.
@@ -331,14 +338,8 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    tokenizer, text_encoder = components.tokenizer, components.text_encoder
-    tokens = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    text_encoder = components.text_encoder
+    tokens = tokenize_prompts(components, prompts)
     attention_mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         attention_mask = tokens.attention_mask.to(text_encoder.device)

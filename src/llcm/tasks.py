@@ -21,7 +21,7 @@ from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
 from llcm.latents import LatentSet
 from llcm.losses import ConsistencyDistillationLoss, ConsistencyFinetuneLoss, DenoiserNet, DenoisingLoss
-from llcm.models import Components, add_guidance_embedding, encode_prompts
+from llcm.models import Components, add_guidance_embedding, encode_prompts, tokenize_prompts
 from llcm.schedules import Schedule
 from llcm.solvers import get_solver
 from llcm.training import TaskBase
@@ -29,13 +29,6 @@ from llcm.training import TaskBase
 Tensor = torch.Tensor
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj"]
-
-
-def prompt_ids(components: Components, prompts: list[str]) -> Tensor:
-    """Token ids [P, L] of prompts, padded as encode_prompts pads them."""
-    tok = components.tokenizer
-    return tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
 
 
 @torch.no_grad()
@@ -118,7 +111,7 @@ class TeacherTask(_PromptData):
         if lora_rank:
             add_lora(unet, lora_rank)
         if train_text_encoder:  # the null prompt "" is the last row: CFG's unconditional branch trains too
-            ids = prompt_ids(components, list(data.prompts) + [""])
+            ids = tokenize_prompts(components, list(data.prompts) + [""]).input_ids
             components.text_encoder.train()
             self.trainable = DenoiserNet(unet, components.text_encoder, ids)
         else:
