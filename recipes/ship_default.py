@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{mem['n_gen']} generated images flagged as possible copies of the {mem['n_train']} training "
                     "images." if mem else "Memorization: not run in this evaluation (`llcm evaluate` runs it "
                     "unless --no-memorization).")
+    mu = llcm_cfg.get("latent_mean")
+    start_line = ("" if not mu else
+                  f"- Sampling starts from eps + sqrt(alpha_bar_999) * mu, mu = `latent_mean` in llcm.json = "
+                  f"({', '.join(f'{v:.3f}' for v in mu)}), the channel mean of the train latents (README: \"Where "
+                  "sampling starts\"); diffusers' own pipeline needs `latents=` for the same images.\n")
     readme = f"""# llcm default model
 
 A Leapfrog Latent Consistency Model small enough to ship inside the package ({size / 2**20:.1f} MiB,
@@ -161,7 +166,7 @@ its images are synthetic phantoms of 10 classes, nothing more.
 - Student shipped: **{student}** (distilled with the `{STUDENTS[student]}` solver). Chosen because {why}.
 - Model hash (llcm): `{reference['model_hash']}`; k = {llcm_cfg.get('k')}, trained w range
   [{llcm_cfg.get('w_min')}, {llcm_cfg.get('w_max')}], default w = {llcm_cfg.get('w_default')} (LCM form; guidance scale = 1 + w).
-- Text encoder: a 2-layer CLIP text transformer (64-d) with CLIP's real BPE tokenizer (vocabulary bundled
+{start_line}- Text encoder: a 2-layer CLIP text transformer (64-d) with CLIP's real BPE tokenizer (vocabulary bundled
   with llcm); its weights are random (seed 2) and frozen: it acts as a fixed code for each prompt, so the
   10 training prompts below work best; other prompts still produce images, of no defined class.
 

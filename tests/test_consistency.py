@@ -1,8 +1,10 @@
+import numpy as np
 import pytest
 import torch
 
 from llcm.consistency import ConsistencyModel, boundary_scalings, guidance_embedding
-from llcm.sampling import consistency_timesteps, make_generators, sample_consistency, teacher_timesteps
+from llcm.sampling import (consistency_timesteps, draw_noise, initial_latents, make_generators, sample_consistency,
+                           teacher_timesteps)
 from llcm.schedules import Schedule
 
 SCHED = Schedule.scaled_linear()
@@ -76,3 +78,32 @@ def test_timestep_rules_reject_bad_counts():
     with pytest.raises(ValueError):
         consistency_timesteps(51)
     assert teacher_timesteps(50)[:2] == [999, 979] and teacher_timesteps(50)[-1] == 19
+
+
+def test_initial_latents_add_the_scaled_channel_mean():
+    sched, shape, mu = Schedule.scaled_linear(), (3, 4, 4), [2.0, -1.0, 0.5]
+    plain = draw_noise(make_generators([5, 6]), shape)
+    assert torch.equal(initial_latents(make_generators([5, 6]), shape, sched, 999), plain)
+    shifted = initial_latents(make_generators([5, 6]), shape, sched, 999, mu)
+    a = float(sched.alphas_cumprod[999]) ** 0.5  # ~0.07 for SD's schedule
+    assert torch.allclose(shifted - plain, a * torch.tensor(mu).view(1, 3, 1, 1).expand_as(plain), atol=1e-6)
+    with pytest.raises(ValueError):
+        initial_latents(make_generators([5]), shape, sched, 999, [1.0, 2.0])
+
+
+def test_pipeline_starts_from_the_recorded_latent_mean(tiny_student):
+    from llcm.models import encode_prompts
+    from llcm.pipeline import LLCMConfig, LLCMPipeline, decode_latents
+
+    mu = [3.0, 0.0, 0.0, -3.0]
+    plain = LLCMPipeline(tiny_student, LLCMConfig())
+    shifted = LLCMPipeline(tiny_student, LLCMConfig(latent_mean=mu))
+    a, b = plain(["x"], steps=1, seeds=[0]).images, shifted(["x"], steps=1, seeds=[0]).images
+    assert np.abs(a - b).max() > 1e-3
+    # the same start passed explicitly gives the same images: the start is the only difference
+    ts = consistency_timesteps(1, 1000, 20)
+    z_start = initial_latents(make_generators([0]), (4, 16, 16), shifted.schedule, ts[0], mu)
+    with torch.no_grad():
+        z0 = sample_consistency(plain.model, encode_prompts(tiny_student, ["x"]), plain.config.w_default,
+                                make_generators([0]), (4, 16, 16), ts, latents=z_start)
+        assert np.abs(decode_latents(tiny_student, z0) - b).max() < 1e-5

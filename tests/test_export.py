@@ -34,6 +34,25 @@ def test_export_round_trip_with_diffusers(pipe, tmp_path):
     assert loaded.config.classes == ["axial brain MRI"] and again.model_hash == ours.model_hash
 
 
+def test_diffusers_matches_with_the_recorded_start(tiny_student, tmp_path):
+    """A model with latent_mean: diffusers' pipeline, given llcm's starting latents, draws the same images."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from llcm.sampling import consistency_timesteps, initial_latents, make_generators
+
+    mu, seeds, w = [1.5, -2.0, 0.0, 0.5], [3, 4], 7.0
+    pipe = LLCMPipeline(tiny_student, LLCMConfig(latent_mean=mu), name="tiny")
+    ours = pipe(["a", "b"], steps=4, seeds=seeds, w=w)
+    folder = pipe.export(tmp_path / "model")
+    assert LLCMPipeline.from_pretrained(folder).config.latent_mean == mu
+    gens = make_generators(seeds)  # drawing the start advances them, as in llcm's own sampler
+    start = initial_latents(gens, (4, 16, 16), pipe.schedule, consistency_timesteps(4, 1000, pipe.config.k)[0], mu)
+    theirs = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)(
+        prompt=["a", "b"], num_inference_steps=4, guidance_scale=w + 1, generator=gens, latents=start,
+        output_type="np", height=64, width=64).images
+    assert np.abs(theirs - ours.images).max() <= 1e-4
+
+
 def test_save_refuses_to_overwrite(pipe, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("precious")

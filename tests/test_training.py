@@ -51,6 +51,8 @@ def test_teacher_loss_falls(teacher_run):
     ls = losses(teacher_run)
     assert sum(ls[-3:]) / 3 < 0.6 * sum(ls[:2]) / 2, ls
     assert (teacher_run / "model" / "model_index.json").exists()
+    meta = json.loads((teacher_run / "model" / "llcm.json").read_text())
+    assert meta["latent_mean"] == pytest.approx(micro_data().latents.mean((0, 2, 3)).tolist(), abs=1e-5)
     assert list((teacher_run / "samples").glob("*.png"))
 
 
@@ -59,6 +61,8 @@ def test_distillation_loss_falls(distill_run):
     assert sum(ls[-3:]) / 3 < 0.5 * sum(ls[:2]) / 2, ls
     meta = json.loads((distill_run / "model" / "llcm.json").read_text())
     assert meta["solver"] == "ddim" and meta["k"] == 100 and meta["classes"] == PROMPTS
+    # samples start from the training latents' channel mean (llcm.sampling.initial_latents)
+    assert meta["latent_mean"] == pytest.approx(micro_data().latents.mean((0, 2, 3)).tolist(), abs=1e-5)
 
 
 def _nearest_distance(samples: torch.Tensor, data: torch.Tensor) -> float:

@@ -106,8 +106,56 @@ def test_train_vae_learns(trained, capsys):
     vae = AutoencoderKL.from_pretrained(run / "model", local_files_only=True)
     assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"])
     assert report["scaling_factor"] == pytest.approx(1 / report["latent_std_unscaled"])
+    assert report["standardized_latent_channels"] is None  # opt-in (--standardize-latents)
     assert (run / "model" / "diffusion_pytorch_model.safetensors").exists()
     assert list((run / "samples").glob("*.png"))
+
+
+def test_standardize_latent_channels():
+    """Folding the channel statistics into the 1x1 convolutions: same decoded images, standardised latents."""
+    from llcm.models import load_preset
+    from llcm.vae import build_vae, posterior_means, standardize_latent_channels, to_model_range
+
+    cfg = load_preset("tiny-cpu")["vae"]
+    cfg.update(block_out_channels=[8, 16, 16], norm_num_groups=4, sample_size=SIZE)
+    vae = build_vae(cfg, seed=1).eval()
+    with torch.no_grad():  # give the channels offsets and spreads far from (0, 1), as trained VAEs have
+        vae.quant_conv.bias[:4] += torch.tensor([3.0, -2.0, 0.5, 0.0])
+        vae.quant_conv.weight[:4] *= torch.tensor([4.0, 0.3, 1.0, 2.0]).view(4, 1, 1, 1)
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(np.stack([shape_image(c, rng) for c in CLASSES for _ in range(6)])).permute(0, 3, 1, 2)
+    x = to_model_range(pixels)
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mean).sample
+        z = posterior_means(vae, pixels)
+        assert z.mean((0, 2, 3)).abs().max() > 1.0
+        stats = standardize_latent_channels(vae, pixels)
+        z = posterior_means(vae, pixels)
+        after = vae.decode(vae.encode(x).latent_dist.mean).sample
+    assert z.mean((0, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(z.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert torch.allclose(before, after, atol=1e-4)
+    assert stats["channel_mean"][0] > 1.0 and len(stats["channel_std"]) == 4
+
+
+def test_vae_task_saves_standardized_latents_on_request(tmp_path):
+    from llcm.models import load_preset
+    from llcm.vae import VAETask, build_vae, load_vae, posterior_means
+
+    cfg = load_preset("tiny-cpu")["vae"]
+    cfg.update(block_out_channels=[8, 16, 16], norm_num_groups=4, sample_size=SIZE)
+    rng = np.random.default_rng(1)
+    pixels = torch.from_numpy(np.stack([shape_image(c, rng) for c in CLASSES for _ in range(4)])).permute(0, 3, 1, 2)
+    task = VAETask(build_vae(cfg, seed=2), pixels, steps=1, standardize_latents=True)
+    task.save_model(tmp_path / "model")
+    saved = load_vae(tmp_path / "model")
+    z = posterior_means(saved, pixels)
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(z.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert task.report["scaling_factor"] == pytest.approx(1.0, abs=2e-3)  # pooled vs per-channel std
+    assert task.report["standardized_latent_channels"]["images"] == len(pixels)
+    # the trainable keeps its own (unfolded) weights: a resumed run continues from what it trained
+    assert not torch.allclose(posterior_means(task.trainable.vae, pixels).mean((0, 2, 3)), torch.zeros(4), atol=1e-3)
 
 
 def test_encode_latents_cache(trained, capsys):

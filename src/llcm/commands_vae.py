@@ -57,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
     p.add_argument("--kl-weight", type=float, default=None, help="KL weight, LDM normalisation (default 1e-6)")
+    p.add_argument("--standardize-latents", action="store_true",
+                   help="fold each latent channel's train mean/std into the saved VAE so that its latents have "
+                        "mean 0, std 1 per channel (diffusion samples start from N(0, I); see llcm.vae)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-batches (default 1)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise")
@@ -123,7 +126,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
     cfg.validate()
     extra = {"data": str(train_split.root), "data_hash": train_split.data_hash, "train_images": len(train_split),
              "eval_split": eval_split.split if eval_split else "train (no test split)",
-             "image_size": [train_split.height, train_split.width], "kl_weight": kl_weight, **source,
+             "image_size": [train_split.height, train_split.width], "kl_weight": kl_weight,
+             "standardize_latents": args.standardize_latents, **source,
              "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
     if args.dry_run:
         train(_DryRun(), cfg, dry_run=True, extra_config=extra)
@@ -137,7 +141,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
     train_px = load_pixels(train_split)
     eval_px = load_pixels(eval_split) if eval_split else None
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
-                   steps=args.steps, source={"data": str(train_split.root), "data_hash": train_split.data_hash,
+                   steps=args.steps, standardize_latents=args.standardize_latents, source={"data": str(train_split.root), "data_hash": train_split.data_hash,
                                              **source})
     try:
         summary = train(task, cfg, resume=args.resume, extra_config=extra)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from llcm.errors import UserError
-from llcm.latents import LatentSet
+from llcm.latents import LatentSet, channel_mean
 from llcm.losses import DenoiserNet, DenoisingLoss
 from llcm.models import Components, encode_prompts
 from llcm.schedules import Schedule
@@ -44,8 +44,9 @@ INDEX_FILE = "dreambooth.json"
 def sample_teacher_latents(components: Components, schedule: Schedule, prompts: Sequence[str],
                            seeds: Sequence[int], solver: str = "ddim", steps: int = 25, w: float = 6.5,
                            negative: str = "", batch: int = 32, unet: nn.Module | None = None,
-                           shape: Sequence[int] | None = None) -> Tensor:
-    """x0 latents of a teacher sampled with real CFG (w in LCM form) along `steps` evenly spaced timesteps."""
+                           shape: Sequence[int] | None = None, latent_mean: Sequence[float] | None = None) -> Tensor:
+    """x0 latents of a teacher sampled with real CFG (w in LCM form) along `steps` evenly spaced timesteps,
+    from :func:`llcm.sampling.initial_latents` (``latent_mean``: the teacher's llcm.json value)."""
     from llcm.sampling import cfg_denoiser, make_generators, sample_ode, teacher_timesteps
 
     c = components
@@ -61,7 +62,7 @@ def sample_teacher_latents(components: Components, schedule: Schedule, prompts: 
         neg = encode_prompts(c, [negative] * len(p)).to(device)
         den = cfg_denoiser(unet, schedule, c.prediction_type, emb, neg, w)
         out.append(sample_ode(den, schedule, solver, make_generators(seeds[i:i + batch]), shape, ts,
-                              device=device, dtype=emb.dtype).cpu())
+                              device=device, dtype=emb.dtype, latent_mean=latent_mean).cpu())
     return torch.cat(out) if out else torch.zeros((0, *shape))
 
 
@@ -98,6 +99,8 @@ class DreamBoothTask(TaskBase):
         self.components, self.schedule = components, schedule or Schedule.scaled_linear()
         rows, self.class_name, self.class_prompt = class_rows(data, class_name)
         self.latents = data.latents[rows]
+        # the whole set's channel mean: what the base teacher was trained on, where its samples start
+        self.latent_mean = channel_mean(data.latents)
         self.instance_prompt = instance_prompt or f"{rare_token} {self.class_prompt}"
         self.prior_prompt = prior_prompt or self.class_prompt
         self.prior_weight, self.cond_dropout = float(prior_weight), float(cond_dropout)
@@ -113,7 +116,8 @@ class DreamBoothTask(TaskBase):
         self.prior_seeds = [seed * 100_003 + i for i in range(num_prior)]
         self.prior_latents = sample_teacher_latents(components, self.schedule, [self.prior_prompt] * num_prior,
                                                     self.prior_seeds, prior_solver, prior_steps, prior_w,
-                                                    shape=tuple(self.latents.shape[1:]))
+                                                    shape=tuple(self.latents.shape[1:]),
+                                                    latent_mean=self.latent_mean)
         self.prior_settings = {"num_prior": num_prior, "steps": prior_steps, "w": prior_w, "solver": prior_solver,
                                "seed": seed}
         emb = encode_prompts(components, [self.instance_prompt, self.prior_prompt, ""]).float().cpu()
@@ -167,7 +171,7 @@ class DreamBoothTask(TaskBase):
     def save_model(self, folder: Path) -> Path:
         from llcm.pipeline import LLCMConfig, save_model_folder
 
-        cfg = LLCMConfig(classes=[self.instance_prompt], source=self.record())
+        cfg = LLCMConfig(classes=[self.instance_prompt], source=self.record(), latent_mean=self.latent_mean)
         return save_model_folder(self.final_components(), self.schedule, cfg, folder, overwrite=True,
                                  pipeline_class="StableDiffusionPipeline")
 
@@ -183,7 +187,8 @@ class DreamBoothTask(TaskBase):
         was = unet.training
         unet.eval()
         z = sample_teacher_latents(self.components, self.schedule, [self.instance_prompt] * 4, range(4), "ddim", 20,
-                                   4.0, unet=unet, shape=tuple(self.latents.shape[1:]))
+                                   4.0, unet=unet, shape=tuple(self.latents.shape[1:]),
+                                   latent_mean=self.latent_mean)
         unet.train(was)
         imgs = decode_latents(self.components, z.to(next(self.components.vae.parameters()).device))
         return make_grid([Image.fromarray((i * 255).round().astype(np.uint8)) for i in imgs])

@@ -45,6 +45,9 @@ class LLCMConfig:
     timestep_scaling: float = 10.0
     solver: str = "leapfrog"  # the distillation solver, for the record
     classes: list[str] = field(default_factory=list)  # prompts/classes seen in training
+    # per-channel mean of the (scaled) training latents: samples start from N(sqrt(alpha_bar_T) mu, I)
+    # (llcm.sampling.initial_latents); None for older folders and diffusers ones (plain N(0, I))
+    latent_mean: list[float] | None = None
     source: dict = field(default_factory=dict)  # provenance: recipe, data, hashes
 
     @classmethod
@@ -162,7 +165,8 @@ class LLCMPipeline:
         table = encode_prompts(c, distinct)
         embeds = table[[distinct.index(p) for p in prompts]]
         shape = (c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
-        z0 = sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts)
+        z0 = sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts,
+                                latent_mean=self.config.latent_mean)
         images = decode_latents(c, z0)
         return Generation(images, prompts, seeds, steps, w, ts, self.model_hash)
 

@@ -54,16 +54,41 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], dtyp
     return torch.cat(draws).to(device)
 
 
+def initial_latents(generators: Sequence[torch.Generator], shape: Sequence[int], schedule: Schedule, t0: int,
+                    latent_mean: Sequence[float] | None = None, dtype=torch.float32,
+                    device: str | torch.device = "cpu") -> Tensor:
+    """The starting latents z_t0 = eps + sqrt(alpha_bar_t0) * mu, eps ~ N(0, I) (one draw per generator).
+
+    mu is the per-channel mean of the latents the model was trained on (``latent_mean`` in llcm.json;
+    None = 0). The schedule keeps sqrt(alpha_bar_T) = 0.07 of the signal at t = T = 999, so in training
+    the model sees each latent channel's offset in the noisy input's spatial mean and relies on it;
+    plain N(0, I) noise lacks it and every sample inherits a wrong channel mean (colour casts, wrong
+    brightness). Adding the offset makes the start match the training marginal's mean. A model trained
+    on standardised latents (``llcm train vae --standardize-latents``) has mu = 0 and plain noise.
+    """
+    z = draw_noise(generators, shape, dtype, device)
+    if latent_mean is None:
+        return z
+    mu = torch.as_tensor(list(latent_mean), dtype=torch.float64)
+    if mu.numel() != shape[0]:
+        raise ValueError(f"latent_mean has {mu.numel()} channels, the latents {shape[0]}")
+    a, _ = schedule.alpha_sigma(torch.tensor(float(t0), dtype=torch.float64))
+    return z + (a * mu).to(dtype=dtype, device=z.device).view(-1, *([1] * (len(shape) - 1)))
+
+
 @torch.no_grad()
 def sample_consistency(model: ConsistencyModel, prompt_embeds: Tensor, w: float | Tensor,
                        generators: Sequence[torch.Generator], latent_shape: Sequence[int],
-                       timesteps: Sequence[int], latents: Tensor | None = None) -> Tensor:
+                       timesteps: Sequence[int], latents: Tensor | None = None,
+                       latent_mean: Sequence[float] | None = None) -> Tensor:
     """Multistep consistency sampling: z0 = f(z_tau_i); z_tau_{i+1} = alpha z0 + sigma * fresh noise.
 
-    The last step returns f's output, so one step is exactly one call of f on the initial noise.
+    The last step returns f's output, so one step is exactly one call of f on the initial noise
+    (drawn by :func:`initial_latents` unless ``latents`` is given).
     """
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
-    z = draw_noise(generators, latent_shape, dtype, device) if latents is None else latents
+    z = (initial_latents(generators, latent_shape, model.schedule, timesteps[0], latent_mean, dtype, device)
+         if latents is None else latents)
     for i, t in enumerate(timesteps):
         tt = torch.full((z.shape[0],), t, device=device, dtype=torch.long)
         z0 = model(z, tt, prompt_embeds, w)
@@ -101,13 +126,15 @@ def cfg_denoiser(unet: Callable, schedule: Schedule, prediction_type: str, promp
 def sample_ode(denoise: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], schedule: Schedule,
                solver: str, generators: Sequence[torch.Generator], latent_shape: Sequence[int],
                timesteps: Sequence[int], device: str | torch.device = "cpu", dtype=torch.float32,
-               latents: Tensor | None = None) -> Tensor:
+               latents: Tensor | None = None, latent_mean: Sequence[float] | None = None) -> Tensor:
     """Solve the PF-ODE over `timesteps` with a registered solver, then return x0_hat at the last one.
 
-    Cost in denoiser calls: (len - 1) * calls_per_step(solver) + 1.
+    Cost in denoiser calls: (len - 1) * calls_per_step(solver) + 1. Starts from :func:`initial_latents`
+    unless ``latents`` is given.
     """
     step = get_solver(solver)
-    z = draw_noise(generators, latent_shape, dtype, device) if latents is None else latents
+    z = (initial_latents(generators, latent_shape, schedule, timesteps[0], latent_mean, dtype, device)
+         if latents is None else latents)
     b = z.shape[0]
     for t, s in zip(timesteps[:-1], timesteps[1:]):
         z = step(denoise, z, torch.full((b,), float(t), device=device), torch.full((b,), float(s), device=device),
@@ -116,5 +143,5 @@ def sample_ode(denoise: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], sched
     return x0
 
 
-__all__ = ["consistency_timesteps", "teacher_timesteps", "make_generators", "draw_noise",
+__all__ = ["consistency_timesteps", "teacher_timesteps", "make_generators", "draw_noise", "initial_latents",
            "sample_consistency", "cfg_denoiser", "sample_ode"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
-from llcm.latents import LatentSet
+from llcm.latents import LatentSet, channel_mean
 from llcm.losses import ConsistencyDistillationLoss, ConsistencyFinetuneLoss, DenoiserNet, DenoisingLoss
 from llcm.models import Components, add_guidance_embedding, encode_prompts, tokenize_prompts
 from llcm.schedules import Schedule
@@ -140,7 +140,8 @@ class TeacherTask(_PromptData):
     def save_model(self, folder: Path) -> Path:
         from llcm.pipeline import LLCMConfig, save_model_folder
 
-        cfg = LLCMConfig(classes=list(dict.fromkeys(self.data.prompts)), source={"task": "teacher"})
+        cfg = LLCMConfig(classes=list(dict.fromkeys(self.data.prompts)), source={"task": "teacher"},
+                         latent_mean=channel_mean(self.data.latents))
         return save_model_folder(self.final_components(), self.schedule, cfg, folder, overwrite=True,
                                  pipeline_class="StableDiffusionPipeline")
 
@@ -161,6 +162,7 @@ class TeacherTask(_PromptData):
         den = cfg_denoiser(unet, self.schedule, c.prediction_type, emb, null.expand_as(emb), 4.0)
         shape = tuple(self.data.latents.shape[1:])
         z = sample_ode(den, self.schedule, "ddim", make_generators(range(len(p))), shape, teacher_timesteps(20),
+                       latent_mean=channel_mean(self.data.latents),
                        device=device)
         unet.train(was)
         from PIL import Image
@@ -229,7 +231,8 @@ class _ConsistencyTask(_PromptData):
                           w_default=round(min(max(7.0, self.w_min), self.w_max), 3),
                           solver=getattr(self, "solver_name", "none (LCF)"),
                           classes=list(dict.fromkeys(self.data.prompts)),
-                          source={"task": self.name, "data": self.data.meta.get("source", "")})
+                          source={"task": self.name, "data": self.data.meta.get("source", "")},
+                          latent_mean=channel_mean(self.data.latents))
 
     def save_model(self, folder: Path) -> Path:
         from llcm.pipeline import save_model_folder
@@ -253,7 +256,8 @@ class _ConsistencyTask(_PromptData):
         shape = tuple(self.data.latents.shape[1:])
         w = 0.5 * (self.w_min + self.w_max)
         z = sample_consistency(model, emb, w, make_generators(range(len(p))), shape,
-                               consistency_timesteps(4, self.schedule.num_train_timesteps, self.k))
+                               consistency_timesteps(4, self.schedule.num_train_timesteps, self.k),
+                               latent_mean=channel_mean(self.data.latents))
         model.train(was)
         imgs = decode_latents(self.components, z)
         return make_grid([Image.fromarray((i * 255).round().astype(np.uint8)) for i in imgs])

@@ -299,6 +299,8 @@ class TeacherSampler:
         self.folder, self.solver = Path(folder), solver
         self.components = _to_device(load_components(folder), device)
         self.schedule = _schedule_of(self.folder)
+        meta = self.folder / "llcm.json"  # where its samples start (llcm.sampling.initial_latents)
+        self.latent_mean = json.loads(meta.read_text()).get("latent_mean") if meta.is_file() else None
 
     def prompt(self, cls: ClassInfo) -> str:
         return cls.prompt
@@ -308,7 +310,7 @@ class TeacherSampler:
         from llcm.pipeline import decode_latents
 
         z = sample_teacher_latents(self.components, self.schedule, prompts, seeds, self.solver, steps, w,
-                                   batch=len(prompts))
+                                   batch=len(prompts), latent_mean=self.latent_mean)
         return decode_latents(self.components, z.to(self.components.vae.device))
 
 
