@@ -32,12 +32,13 @@ Choices, and why:
   with the wrong per-channel mean: wrong brightness and colour casts, which the decoder turns into
   texture (Lin et al. 2024 name the same train/sample mismatch; SD3's VAE carries a ``shift_factor``
   for it, which SD-1.5-style pipelines such as diffusers' LCM pipeline ignore: folding keeps the
-  folder a plain SD-style VAE). Measured on the shipped gpu-profile model before this change: the
-  teacher's sampled latents had channel means (-0.1, 0.1, 0.0, 0.0) where the data's are
-  (-0.3, -1.0, 0.1, -1.4); starting its samples from noise shifted by sqrt(alpha_bar_T) times the
-  data's channel means raised their class accuracy from 59% to 69% (teacher) and 47% to 57% (4-step
-  student). It is opt-in because one CPU-budget teacher trained on standardised latents did not beat
-  an earlier one without (52% vs 61%, 100 samples each, different VAEs): not yet a measured gain.
+  folder a plain SD-style VAE). Measured on the gpu-profile default model: its teacher's sampled
+  latents had channel means (-0.1, 0.1, 0.0, 0.0) where the data's are (-0.3, -1.0, 0.1, -1.4).
+  For models already trained on offset latents, samplers start from the offset instead
+  (``latent_mean``, :func:`llcm.sampling.initial_latents`): on that model the teacher's class accuracy
+  went from 61% to 70% and the 4-step student's from 48.5% to 63.5% (README, "The default model"). It is opt-in because, with that start fixed, standardising measured as a tie: two teachers
+  at the cpu profile's budget (700 x 64) on the same VAE's latents, raw vs standardised, gave FID 245.8
+  vs 248.1 and class accuracy 49% vs 53% (`llcm evaluate`, DDIM-50, 200 images each).
 * **Scaling factor** = 1 / std of the *posterior means* of all train images (all elements pooled,
   as SD's 0.18215 was measured), because ``llcm encode`` caches posterior means: the cached latents
   of the train split then have std 1 exactly (after standardisation the factor is 1).
