@@ -141,8 +141,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
     train_px = load_pixels(train_split)
     eval_px = load_pixels(eval_split) if eval_split else None
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
-                   steps=args.steps, standardize_latents=args.standardize_latents, source={"data": str(train_split.root), "data_hash": train_split.data_hash,
-                                             **source})
+                   steps=args.steps, standardize_latents=args.standardize_latents,
+                   source={"data": str(train_split.root), "data_hash": train_split.data_hash, **source})
     try:
         summary = train(task, cfg, resume=args.resume, extra_config=extra)
     except FloatingPointError as exc:

@@ -22,7 +22,6 @@ from llcm.errors import UserError
 Tensor = torch.Tensor
 
 
-
 def channel_mean(latents: torch.Tensor) -> list[float]:
     """Per-channel mean of [N, C, h, w] latents, as stored in llcm.json (``latent_mean``)."""
     return [round(float(v), 6) for v in latents.double().mean((0, 2, 3))]
