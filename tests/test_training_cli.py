@@ -39,10 +39,11 @@ def latents(sd_folder, tmp_path_factory):
     return out
 
 
-def test_teacher_distill_finetune_from_a_diffusers_folder(sd_folder, latents, tmp_path):
+def test_teacher_distill_finetune_from_a_diffusers_folder(sd_folder, latents, tmp_path, capsys):
     sd, _ = sd_folder
     assert main(["train", "teacher", "--base", str(sd), "--latents", str(latents), "--out", str(tmp_path / "t"),
-                 *FAST]) == 0
+                 "--quiet", *FAST]) == 0
+    assert "teacher:" not in capsys.readouterr().err  # --quiet: no progress bar
     assert (tmp_path / "t" / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert main(["distill", "--teacher", str(sd), "--latents", str(latents), "--out", str(tmp_path / "d"),
                  "--k", "100", "--solver", "midpoint", *FAST]) == 0

@@ -31,6 +31,7 @@ def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                    help="stop after this much training time and save the model as if finished (default: none)")
     g.add_argument("--dry-run", action="store_true", help="print the configuration and exit")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (metrics.jsonl still records the run)")
     g.add_argument("--preset", default="tiny-cpu", help="named preset for defaults and the tiny architecture "
                    "(tiny-cpu, sd15, sd21-base)")
 
@@ -42,7 +43,7 @@ def loop_config(args: argparse.Namespace, defaults: dict):
                        grad_accum=args.grad_accum, lr=args.lr or defaults["lr"], weight_decay=args.weight_decay,
                        warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-                       time_limit_minutes=getattr(args, "time_limit", 0.0))
+                       time_limit_minutes=getattr(args, "time_limit", 0.0), progress=not getattr(args, "quiet", False))
 
 
 def preset_defaults(name: str | None, section: str) -> dict:
