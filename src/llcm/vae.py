@@ -25,19 +25,19 @@ Choices, and why:
   ends, each latent channel's mean and std over the train images' posterior means are folded into the
   VAE's two 1x1 convolutions (``quant_conv`` and ``post_quant_conv``), so the saved VAE encodes to
   mean 0, std 1 per channel and decodes exactly as before. Why: an L1/L2 autoencoder's channels come
-  out with offsets of a whole std or more and
-  unequal spreads, and the diffusion prior starts every sample from N(0, I) noise. At t = T the
-  schedule keeps sqrt(alpha_bar_T) = 0.07 of the signal, so in training the teacher sees that offset
-  in each image's spatial mean and relies on it; sampled noise has none, and every sample came out
-  with the wrong per-channel mean: wrong brightness and colour casts, which the decoder turns into
-  texture (Lin et al. 2024 name the same train/sample mismatch; SD3's VAE carries a ``shift_factor``
-  for it, which SD-1.5-style pipelines such as diffusers' LCM pipeline ignore: folding keeps the
-  folder a plain SD-style VAE). Measured on the gpu-profile default model: its teacher's sampled
-  latents had channel means (-0.1, 0.1, 0.0, 0.0) where the data's are (-0.3, -1.0, 0.1, -1.4).
-  For models already trained on offset latents, samplers start from the offset instead
-  (``latent_mean``, :func:`llcm.sampling.initial_latents`): on that model the teacher's class accuracy
-  went from 61% to 70% and the 4-step student's from 48.5% to 63.5% (README, "The default model"). It is opt-in because, with that start fixed, standardising measured as a tie: two teachers
-  at the cpu profile's budget (700 x 64) on the same VAE's latents, raw vs standardised, gave FID 245.8
+  out with offsets of a whole std or more and unequal spreads. At t = T the schedule keeps
+  sqrt(alpha_bar_T) = 0.07 of the signal, so in training the teacher sees that offset in each image's
+  spatial mean and relies on it; plain N(0, I) noise has none, and every sample drawn from it came
+  out with the wrong per-channel mean: wrong brightness and colour casts, which the decoder turns
+  into texture (the train/sample mismatch of Lin et al., "Common diffusion noise schedules and sample
+  steps are flawed"; SD3's VAE carries a ``shift_factor`` for it, which SD-1.5-style pipelines such as
+  diffusers' LCM pipeline ignore: folding keeps the folder a plain SD-style VAE). Measured on the
+  gpu-profile default model: its teacher's sampled latents had channel means (-0.1, 0.1, 0.0, 0.0)
+  where the data's are (-0.3, -1.0, 0.1, -1.4). Samplers now start from the offset instead
+  (``latent_mean``, :func:`llcm.sampling.initial_latents`): on that model the teacher's class
+  accuracy went from 61% to 70% and the 4-step student's from 48.5% to 63.5% (README, "The default
+  model"). Standardising is opt-in because, with that start, it measured as a tie: two teachers at
+  the cpu profile's budget (700 x 64) on the same VAE's latents, raw vs standardised, gave FID 245.8
   vs 248.1 and class accuracy 49% vs 53% (`llcm evaluate`, DDIM-50, 200 images each).
 * **Scaling factor** = 1 / std of the *posterior means* of all train images (all elements pooled,
   as SD's 0.18215 was measured), because ``llcm encode`` caches posterior means: the cached latents
@@ -400,8 +400,10 @@ class VAETask(TaskBase):
         plus vae_report.json; written beside it and renamed into place."""
         import copy
 
-        vae = copy.deepcopy(self.trainable.vae).eval()  # the trainable itself stays as trained (resume)
-        folded = standardize_latent_channels(vae, self.train_pixels) if self.standardize_latents else None
+        vae, folded = self.trainable.vae, None
+        if self.standardize_latents:  # fold into a copy: the trainable stays as trained (resume)
+            vae = copy.deepcopy(vae).eval()
+            folded = standardize_latent_channels(vae, self.train_pixels)
         ev = self.evaluate(vae)
         vae.register_to_config(scaling_factor=ev["scaling_factor"])
         h, w = self.train_pixels.shape[-2:]
