@@ -271,3 +271,30 @@ def test_train_subparsers_shared():
 
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
     assert train_subparsers(sub) is add_train_group(sub) is train_subparsers(sub)
+
+
+def test_teacher_unet_follows_the_vae_latent_channels(trained, tmp_path, capsys):
+    """A VAE with 8 latent channels: `train teacher --model VAE` builds its fresh tiny UNet for 8 channels."""
+    from diffusers import UNet2DConditionModel
+
+    from llcm.vae import build_vae
+
+    cfg = json.loads(trained["preset"].read_text())["vae"]
+    build_vae({**cfg, "latent_channels": 8}, seed=0).save_pretrained(tmp_path / "vae8")
+    lat = tmp_path / "lat8"
+    assert main(["encode", "--data", str(trained["data"]), "--model", str(tmp_path / "vae8"), "--out", str(lat),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "teacher", "--latents", str(lat), "--model", str(tmp_path / "vae8"), "--out",
+                 str(tmp_path / "t"), "--steps", "2", "--batch", "4", "--quiet"]) == 0
+    assert "8 latent channels" in capsys.readouterr().out
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "t" / "model", subfolder="unet", local_files_only=True)
+    assert (unet.config.in_channels, unet.config.out_channels) == (8, 8)
+    # and the rest of the chain runs on 8-channel latents: distillation, then few-step sampling at the size
+    # trained (the fresh UNet records its latent size, 8x8 here, where the preset says 16x16)
+    assert main(["distill", "--teacher", str(tmp_path / "t" / "model"), "--latents", str(lat), "--out",
+                 str(tmp_path / "s"), "--steps", "2", "--batch", "4", "--quiet"]) == 0
+    from llcm.pipeline import LLCMPipeline
+
+    images = LLCMPipeline.from_pretrained(tmp_path / "s" / "model")(["a prompt"] * 2, steps=2, seeds=0).images
+    assert images.shape == (2, SIZE, SIZE, 3) and np.isfinite(images).all()

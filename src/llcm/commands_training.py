@@ -117,7 +117,8 @@ def register_teacher(train_sub) -> None:
     p.add_argument("--base", default=None, help="local diffusers SD folder to fine-tune (default: build the "
                    "preset's tiny UNet from scratch)")
     p.add_argument("--model", default=None, help="a model folder whose VAE/text encoder to use with a fresh tiny "
-                   "UNet (e.g. the output of `llcm train vae` plus the preset's text encoder)")
+                   "UNet (e.g. the output of `llcm train vae` plus the preset's text encoder); the UNet is built "
+                   "for the VAE's latent channels")
     p.add_argument("--cond-dropout", type=float, default=0.1, help="prompt dropout for CFG (default 0.1)")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights")
     p.add_argument("--train-text-encoder", action="store_true",
@@ -137,7 +138,7 @@ def teacher_components(args):
     if args.base:
         return load_components(args.base)
     preset = load_preset(args.preset)
-    comps = components_from_preset(preset, None, seed=args.seed)
+    vae = None
     if args.model:
         from diffusers import AutoencoderKL
 
@@ -146,6 +147,15 @@ def teacher_components(args):
         if not (vae_dir / "config.json").exists():
             raise UserError(f"{args.model} has no VAE (expected {vae_dir}/config.json)")
         vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+        channels = int(vae.config.latent_channels)
+        unet_cfg = preset.get("unet") or {}
+        if preset.get("source") == "configs" and unet_cfg.get("in_channels", channels) != channels:
+            # the fresh tiny UNet is built for the VAE's latents (e.g. a VAE trained with more channels)
+            print(f"note: the VAE has {channels} latent channels; building the {preset.get('name')} UNet with "
+                  f"{channels} input/output channels (preset: {unet_cfg['in_channels']})")
+            preset["unet"] = {**unet_cfg, "in_channels": channels, "out_channels": channels}
+    comps = components_from_preset(preset, None, seed=args.seed)
+    if vae is not None:
         comps = dataclasses.replace(comps, vae=vae, scaling_factor=float(vae.config.scaling_factor))
     return comps
 
@@ -157,6 +167,9 @@ def run_teacher(args) -> int:
     _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     comps = teacher_components(args)
     data = _load_latents(args.latents, comps)
+    if not args.base and data.latents.shape[-1] != comps.unet.config.sample_size:
+        # a fresh UNet records the latent size it is trained at: pipelines take their default image size from it
+        comps.unet.register_to_config(sample_size=int(data.latents.shape[-1]))
     return _run(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank,
                                     train_text_encoder=args.train_text_encoder),
                 args, d, "teacher")
