@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = {}
     for c in classes:
         paths = sorted(r["path"] for r in rows if class_of(r) == c.name)[:args.per_class]
-        pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
+        pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
+        pixels = pixels.permute(0, 3, 1, 2)  # uint8 [n, 3, H, W], as llcm.vae.reconstruct takes
         with torch.no_grad():
             rec = reconstruct(vae, pixels)
         folder = out / "1" / c.name
