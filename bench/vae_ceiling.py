@@ -29,7 +29,7 @@ from PIL import Image
 
 from llcm.errors import UserError
 from llcm.evaluation.evaluate import class_of, class_table
-from llcm.vae import load_vae, psnr, reconstruct
+from llcm.vae import load_pixels, load_vae, psnr, reconstruct, scan_split, vae_factor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {out} exists and is not empty; pick a new --out (nothing was written)")
     try:
         vae = load_vae(args.model)
-        classes, rows = class_table(args.data, args.split)
+        split = scan_split(args.data, args.split, vae_factor(vae))  # readable, one size, a multiple of the factor
+        classes, rows = class_table(args.data, args.split)  # class names exactly as `llcm evaluate` has them
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
+    index = {str(Path(f).resolve()): i for i, f in enumerate(split.files)}
     scores = {}
     for c in classes:
         paths = sorted(r["path"] for r in rows if class_of(r) == c.name)[:args.per_class]
-        pixels = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]))
-        pixels = pixels.permute(0, 3, 1, 2)  # uint8 [n, 3, H, W], as llcm.vae.reconstruct takes
+        pixels = load_pixels(split, [index[str(Path(p).resolve())] for p in paths])
         with torch.no_grad():
             rec = reconstruct(vae, pixels)
         folder = out / "1" / c.name
