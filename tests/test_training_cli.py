@@ -9,7 +9,7 @@ import torch
 
 from llcm.cli import main
 from llcm.latents import LatentSet
-from llcm.models import model_hash
+from llcm.models import load_components, model_hash
 from train_worker import micro_components
 
 FAST = ["--steps", "2", "--batch", "4", "--checkpoint-every", "1"]
@@ -57,6 +57,16 @@ def test_teacher_distill_finetune_from_a_diffusers_folder(sd_folder, latents, tm
     config = json.loads((tmp_path / "d" / "config.json").read_text())
     assert config["train"]["max_steps"] == 2 and config["command"] == "distill"
 
+    # --student: carry the distilled student over to the fine-tuned teacher; it starts from the student's
+    # weights (a 1e-12 learning rate keeps them), not from the teacher's plus a zero w-embedding
+    assert main(["distill", "--teacher", str(tmp_path / "t" / "model"), "--latents", str(latents),
+                 "--student", str(tmp_path / "d" / "model"), "--out", str(tmp_path / "d2"), "--k", "100",
+                 "--steps", "1", "--batch", "2", "--lr", "1e-12", "--quiet"]) == 0
+    before = load_components(tmp_path / "d" / "model").unet.state_dict()
+    after = load_components(tmp_path / "d2" / "model").unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-9) for k in before)
+    assert after["time_embedding.cond_proj.weight"].abs().sum() > 0  # trained, not the fresh zero init
+
 
 def test_dry_run_writes_nothing(sd_folder, latents, tmp_path, capsys):
     assert main(["distill", "--teacher", str(sd_folder[0]), "--latents", str(latents), "--out", str(tmp_path / "x"),
@@ -82,6 +92,8 @@ def _bad_cases(sd, latents, tmp_path):
                           "--w-min", "9", "--w-max", "3"],
         "unwritable out": ["distill", "--teacher", str(sd), "--latents", str(latents),
                            "--out", str(blocker / "run"), *FAST],
+        "student without w-embedding": ["distill", "--teacher", str(sd), "--latents", str(latents), "--out", out,
+                                        "--student", str(sd)],
         "teacher missing latents": ["train", "teacher", "--base", str(sd), "--latents", str(tmp_path / "nope"),
                                     "--out", out],
     }

@@ -298,3 +298,43 @@ def test_teacher_unet_follows_the_vae_latent_channels(trained, tmp_path, capsys)
 
     images = LLCMPipeline.from_pretrained(tmp_path / "s" / "model")(["a prompt"] * 2, steps=2, seeds=0).images
     assert images.shape == (2, SIZE, SIZE, 3) and np.isfinite(images).all()
+
+
+def test_hard_pixel_term_is_the_mean_of_the_worst_pixels():
+    """VAELoss adds w * mean of the top 2% per-pixel squared errors; w = 0 leaves the plain loss."""
+    from llcm.errors import UserError
+    from llcm.vae import HARD_PIXEL_SHARE, VAELoss
+
+    x = torch.zeros(2, 3, 50, 50)  # 2500 pixels -> the worst 50
+    recon = torch.zeros_like(x)
+    recon[0, :, :5, :2] = 1.0  # image 0: 10 pixels off by 1 on every channel (a small "finding" missed)
+    recon[1] += 0.1  # image 1: every pixel off by 0.1
+
+    def net(x_, noise):
+        return recon, torch.zeros(len(x_))
+
+    batch = {"x": x, "noise": None}
+    plain = VAELoss(0.0)(net, batch)
+    hard = VAELoss(0.0, hard_pixel_weight=3.0)(net, batch)
+    k = round(HARD_PIXEL_SHARE * 2500)
+    assert k == 50
+    # image 0: 10 of its worst 50 pixels have squared error 1, the rest 0; image 1: all 0.01
+    assert torch.allclose(hard - plain, torch.tensor([3.0 * 10 / k, 3.0 * 0.01]), atol=1e-6)
+    # the missed finding weighs ~1% in the plain loss and ~60x more in the hard term
+    assert plain[0] == pytest.approx(2 * 10 / 2500, abs=1e-6)
+    with pytest.raises(UserError, match="hard_pixel_weight"):
+        VAELoss(0.0, hard_pixel_weight=-1.0)
+
+
+def test_train_vae_with_hard_pixel_weight_records_it(trained, tmp_path):
+    out = tmp_path / "hard"
+    rc = main(["train", "vae", "--data", str(trained["data"]), "--init", str(trained["run"] / "model"),
+               "--out", str(out), "--steps", "3", "--batch", "4", "--hard-pixel-weight", "5", "--quiet"])
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["hard_pixel_weight"] == 5.0
+    report = json.loads((out / "model" / "vae_report.json").read_text())
+    assert report["hard_pixel_weight"] == 5.0 and "worst 2% of pixels" in report["loss"]
+    assert main(["train", "vae", "--data", str(trained["data"]), "--out", str(tmp_path / "bad"),
+                 "--hard-pixel-weight", "-1", "--quiet"]) != 0
+    assert not (tmp_path / "bad").exists()
+

@@ -200,6 +200,9 @@ def register_distill(sub) -> None:
     p.add_argument("--latents", required=True, help="latent cache from `llcm encode` (same VAE as the teacher)")
     _consistency_options(p, d)
     p.add_argument("--solver", default="leapfrog", help="ODE solver: leapfrog, ddim, midpoint, dpmpp")
+    p.add_argument("--student", default=None, metavar="LLCM_FOLDER",
+                   help="start the student from this trained LLCM/LCM instead of the teacher's weights (e.g. "
+                        "carry a finished distillation over to a teacher fine-tuned on a new VAE)")
     p.set_defaults(func=run_distill)
 
 
@@ -231,8 +234,14 @@ def run_distill(args) -> int:
     d = preset_defaults(args.preset, "distill")
     _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     teacher = load_components(args.teacher)
+    student = None
+    if args.student:
+        if args.lora_rank:
+            raise UserError("--student starts from a full LLCM UNet; it cannot be combined with --lora-rank")
+        student = load_components(args.student).unet
     data = _load_latents(args.latents, teacher)
-    return _run(lambda: DistillTask(teacher, data, solver=args.solver, **_cons_kwargs(args, d)), args, d, "distill")
+    return _run(lambda: DistillTask(teacher, data, solver=args.solver, student=student, **_cons_kwargs(args, d)),
+                args, d, "distill")
 
 
 # ------------------------------------------------------------------------------------------ finetune

@@ -269,7 +269,9 @@ class DistillTask(_ConsistencyTask):
     def __init__(self, teacher: Components, data: LatentSet, solver: str = "leapfrog", k: int = 20,
                  w_min: float = 5.0, w_max: float = 15.0, ema_decay: float = 0.95, metric: str = "huber",
                  huber_c: float = 0.001, lora_rank: int = 0, schedule: Schedule | None = None,
-                 guidance_dim: int = 256):
+                 guidance_dim: int = 256, student: nn.Module | None = None):
+        """`student`: start from this trained LLCM/LCM UNet (with a w-embedding, the teacher's architecture)
+        instead of the teacher's weights, e.g. to carry a distillation over to a fine-tuned teacher."""
         if teacher.text_encoder is None:
             raise UserError("distillation needs a text-conditioned teacher (no text encoder found)")
         self.solver_name = solver
@@ -277,13 +279,27 @@ class DistillTask(_ConsistencyTask):
         teacher.unet.requires_grad_(False).eval()
         teacher.vae.requires_grad_(False)
         teacher.text_encoder.requires_grad_(False)
-        student = add_guidance_embedding(teacher.unet, guidance_dim)
+        if student is None:
+            student = add_guidance_embedding(teacher.unet, guidance_dim)
+        else:
+            _check_student(student, teacher.unet)
         if lora_rank:
             student.requires_grad_(False)
         super().__init__(teacher, data, schedule, k, w_min, w_max, ema_decay, lora_rank, student)
         self.loss_fn = ConsistencyDistillationLoss(teacher.unet, self.target, solver_fn, self.schedule,
                                                    teacher.prediction_type, metric, huber_c)
 
+
+def _check_student(student: nn.Module, teacher_unet: nn.Module) -> None:
+    """A given student must be the teacher's architecture plus a w-embedding."""
+    if not getattr(student.config, "time_cond_proj_dim", None):
+        raise UserError("the --student UNet has no guidance embedding (time_cond_proj_dim): give a trained "
+                        "LLCM/LCM folder, or leave --student out to start from the teacher")
+    skip = {"time_cond_proj_dim", "_name_or_path", "_diffusers_version", "_use_default_values", "sample_size"}
+    diff = sorted(k for k in set(student.config) | set(teacher_unet.config)
+                  if k not in skip and student.config.get(k) != teacher_unet.config.get(k))
+    if diff:
+        raise UserError(f"the --student UNet differs from the teacher's architecture in {', '.join(diff)}")
 
 
 class FinetuneTask(_ConsistencyTask):
