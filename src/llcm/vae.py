@@ -334,8 +334,8 @@ class VAELoss:
 
     Why the last term: a microaneurysm, an exudate or a small nodule covers 1-3 px of a 64 px image, so the
     plain means hardly change when the VAE drops it, and a tiny VAE does (the default model's first VAE
-    lost every retinopathy finding). The worst pixels of an image are exactly those missed findings (and edges), so
-    weighting them makes the encoder keep them in the latents."""
+    lost every retinopathy finding). The worst pixels of an image are those missed findings (and edges),
+    so weighting them makes the encoder keep them in the latents."""
 
     def __init__(self, kl_weight: float = DEFAULT_KL_WEIGHT, hard_pixel_weight: float = 0.0):
         if kl_weight < 0:
