@@ -311,7 +311,7 @@ def test_hard_pixel_term_is_the_mean_of_the_worst_pixels():
     recon[1] += 0.1  # image 1: every pixel off by 0.1
 
     def net(x_, noise):
-        return recon, torch.zeros(len(x_))
+        return recon, torch.zeros(len(x_)), torch.zeros(len(x_), 4, 2, 2)
 
     batch = {"x": x, "noise": None}
     plain = VAELoss(0.0)(net, batch)

@@ -61,6 +61,13 @@ def register(sub) -> None:
                    help="weight of the squared error of each image's worst 2%% of pixels (default 0). Small "
                         "findings (microaneurysms, exudates, nodules: 1-3 px) barely move the mean losses, so a "
                         "small VAE drops them; 5 brought them back for the default model (README)")
+    p.add_argument("--anchor", default=None, metavar="DATA",
+                   help="a dataset (e.g. the one a teacher was trained on) whose train images are trained on too, "
+                        "with their latents held to what the --init VAE gives them (see --anchor-weight); the saved "
+                        "VAE keeps the --init scaling factor. So a VAE can learn new kinds of images while the "
+                        "teacher and students built on the old latents stay valid. Needs --init")
+    p.add_argument("--anchor-weight", type=float, default=1.0,
+                   help="weight of the anchor term, mean squared latent drift in the model's units (default 1)")
     p.add_argument("--standardize-latents", action="store_true",
                    help="fold each latent channel's train mean/std into the saved VAE so that its latents have "
                         "mean 0, std 1 per channel (diffusion samples start from N(0, I); see llcm.vae)")
@@ -107,6 +114,10 @@ def run_train_vae(args: argparse.Namespace) -> int:
         raise UserError(f"--kl-weight must be >= 0, got {kl_weight}")
     if args.hard_pixel_weight < 0:
         raise UserError(f"--hard-pixel-weight must be >= 0, got {args.hard_pixel_weight}")
+    if args.anchor and not args.init:
+        raise UserError("--anchor keeps the latents of an existing VAE: give that VAE with --init")
+    if args.anchor_weight < 0:
+        raise UserError(f"--anchor-weight must be >= 0, got {args.anchor_weight}")
     if args.init:
         vae = load_vae(args.init)
         source = {"init": str(args.init)}
@@ -133,7 +144,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
     extra = {"data": str(train_split.root), "data_hash": train_split.data_hash, "train_images": len(train_split),
              "eval_split": eval_split.split if eval_split else "train (no test split)",
              "image_size": [train_split.height, train_split.width], "kl_weight": kl_weight,
-             "hard_pixel_weight": args.hard_pixel_weight,
+             "hard_pixel_weight": args.hard_pixel_weight, "anchor": args.anchor, "anchor_weight": args.anchor_weight,
              "standardize_latents": args.standardize_latents, **source,
              "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
     if args.dry_run:
@@ -147,9 +158,18 @@ def run_train_vae(args: argparse.Namespace) -> int:
     print(f"loading {len(train_split)} train + {n_eval} {args.eval_split} images into memory ({mib:.0f} MiB, uint8)")
     train_px = load_pixels(train_split)
     eval_px = load_pixels(eval_split) if eval_split else None
+    anchor_px = None
+    if args.anchor:
+        anchor_split = scan_split(args.anchor, "train", f)
+        if (anchor_split.height, anchor_split.width) != (train_split.height, train_split.width):
+            raise UserError(f"the --anchor images are {anchor_split.width}x{anchor_split.height} but the train "
+                            f"images are {train_split.width}x{train_split.height}")
+        print(f"anchoring the latents of {len(anchor_split)} images of {anchor_split.root}")
+        anchor_px = load_pixels(anchor_split)
+        source = {**source, "anchor": str(anchor_split.root), "anchor_data_hash": anchor_split.data_hash}
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
                    steps=args.steps, standardize_latents=args.standardize_latents,
-                   hard_pixel_weight=args.hard_pixel_weight,
+                   hard_pixel_weight=args.hard_pixel_weight, anchor_pixels=anchor_px, anchor_weight=args.anchor_weight,
                    source={"data": str(train_split.root), "data_hash": train_split.data_hash, **source})
     try:
         summary = train(task, cfg, resume=args.resume, extra_config=extra)

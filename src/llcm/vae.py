@@ -320,12 +320,13 @@ class VAEModel(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(reconstruction, KL per image, posterior mean)."""
         posterior = self.vae.encode(x).latent_dist
         # z = mu + sigma * eps, eps ~ N(0, I)  (reparameterisation, Kingma & Welling 2014)
         z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         # KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum(mu^2 + sigma^2 - 1 - log sigma^2)
-        return self.vae.decode(z).sample, posterior.kl()
+        return self.vae.decode(z).sample, posterior.kl(), posterior.mean
 
 
 class VAELoss:
@@ -335,18 +336,28 @@ class VAELoss:
     Why the last term: a microaneurysm, an exudate or a small nodule covers 1-3 px of a 64 px image, so the
     plain means hardly change when the VAE drops it, and a tiny VAE does (the default model's first VAE
     lost every retinopathy finding). The worst pixels of an image are those missed findings (and edges),
-    so weighting them makes the encoder keep them in the latents."""
+    so weighting them makes the encoder keep them in the latents.
 
-    def __init__(self, kl_weight: float = DEFAULT_KL_WEIGHT, hard_pixel_weight: float = 0.0):
+    Anchor term (rows with ``batch["anchor"]`` true): + anchor_weight * mean (s * (mu - mu_old))^2, the
+    squared distance in the model's latent units (scaling factor s) between this VAE's posterior mean
+    and the one the initial VAE gave the same image. It lets a VAE learn new kinds of images while
+    the latents of the data a teacher was trained on stay where they were, so that teacher and its
+    students stay valid with the new decoder."""
+
+    def __init__(self, kl_weight: float = DEFAULT_KL_WEIGHT, hard_pixel_weight: float = 0.0,
+                 anchor_weight: float = 0.0, scaling_factor: float = 1.0):
         if kl_weight < 0:
             raise UserError(f"kl_weight must be >= 0, got {kl_weight}")
         if hard_pixel_weight < 0:
             raise UserError(f"hard_pixel_weight must be >= 0, got {hard_pixel_weight}")
+        if anchor_weight < 0:
+            raise UserError(f"anchor_weight must be >= 0, got {anchor_weight}")
         self.kl_weight, self.hard_pixel_weight = kl_weight, hard_pixel_weight
+        self.anchor_weight, self.scaling_factor = anchor_weight, scaling_factor
 
     def __call__(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
-        recon, kl = net(x, batch["noise"])
+        recon, kl, mean = net(x, batch["noise"])
         diff = recon.float() - x.float()
         err = diff.flatten(1)
         loss = err.abs().mean(1) + err.square().mean(1) + self.kl_weight * kl.float() / err.shape[1]
@@ -354,6 +365,9 @@ class VAELoss:
             per_pixel = diff.square().mean(1).flatten(1)  # [B, HW], squared error averaged over RGB
             k = max(1, round(HARD_PIXEL_SHARE * per_pixel.shape[1]))
             loss = loss + self.hard_pixel_weight * per_pixel.topk(k, dim=1).values.mean(1)
+        if self.anchor_weight and "anchor" in batch:
+            drift = (self.scaling_factor * (mean.float() - batch["anchor_mean"].float())).square().flatten(1).mean(1)
+            loss = loss + self.anchor_weight * batch["anchor"].float() * drift
         return loss
 
 
@@ -364,9 +378,25 @@ class VAETask(TaskBase):
 
     def __init__(self, vae, train_pixels: Tensor, eval_pixels: Tensor | None = None, eval_split: str = "test",
                  kl_weight: float = DEFAULT_KL_WEIGHT, steps: int = 0, source: dict | None = None,
-                 standardize_latents: bool = False, hard_pixel_weight: float = 0.0):
+                 standardize_latents: bool = False, hard_pixel_weight: float = 0.0,
+                 anchor_pixels: Tensor | None = None, anchor_weight: float = 1.0):
+        """``anchor_pixels``: images (e.g. a teacher's training set) trained on with the others, whose latents
+        must stay what ``vae`` gives them now (VAELoss's anchor term); the saved VAE then keeps ``vae``'s
+        scaling factor instead of measuring a new one, so a teacher trained on its latents stays valid."""
         if train_pixels.dtype != torch.uint8 or train_pixels.ndim != 4 or train_pixels.shape[1] != 3:
             raise ValueError("train_pixels must be uint8 [N, 3, H, W]")
+        self.anchor_means, self.n_free = None, len(train_pixels)
+        if anchor_pixels is not None and len(anchor_pixels):
+            if anchor_pixels.shape[1:] != train_pixels.shape[1:]:
+                raise UserError(f"anchor images are {tuple(anchor_pixels.shape[2:])} but the train images are "
+                                f"{tuple(train_pixels.shape[2:])}")
+            if standardize_latents:
+                raise UserError("anchored latents keep the initial VAE's units: do not combine with "
+                                "--standardize-latents")
+            was = vae.training
+            self.anchor_means = posterior_means(vae.eval(), anchor_pixels)  # the initial VAE's, fixed
+            vae.train(was)
+            train_pixels = torch.cat([train_pixels, anchor_pixels])
         f = vae_factor(vae)
         h, w = train_pixels.shape[-2:]
         if h % f or w % f:
@@ -375,7 +405,9 @@ class VAETask(TaskBase):
             eval_pixels, eval_split = train_pixels, "train"
         self.train_pixels, self.eval_pixels, self.eval_split = train_pixels, eval_pixels, eval_split
         self.latent_shape = (int(vae.config.latent_channels), h // f, w // f)
-        self.loss_fn = VAELoss(kl_weight, hard_pixel_weight)
+        self.kept_scaling_factor = float(vae.config.scaling_factor) if self.anchor_means is not None else None
+        self.loss_fn = VAELoss(kl_weight, hard_pixel_weight, anchor_weight if self.anchor_means is not None else 0.0,
+                               self.kept_scaling_factor or 1.0)
         self.steps, self.source = steps, source or {}
         self.standardize_latents = standardize_latents
         vae.train()
@@ -387,7 +419,13 @@ class VAETask(TaskBase):
 
     def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         x = to_model_range(self.train_pixels[idx])
-        return {"x": x, "noise": torch.randn((len(idx), *self.latent_shape), generator=gen)}
+        batch = {"x": x, "noise": torch.randn((len(idx), *self.latent_shape), generator=gen)}
+        if self.anchor_means is not None:
+            anchor = idx >= self.n_free
+            means = torch.zeros((len(idx), *self.anchor_means.shape[1:]))
+            means[anchor] = self.anchor_means[idx[anchor] - self.n_free]
+            batch.update(anchor=anchor, anchor_mean=means)
+        return batch
 
     def evaluate(self, vae=None) -> dict:
         """Scaling factor from the train latents, reconstruction PSNR on the eval split."""
@@ -396,13 +434,22 @@ class VAETask(TaskBase):
         vae.eval()
         try:
             scale, stats = latent_scaling_factor(vae, self.train_pixels)
+            anchored = {}
+            if self.anchor_means is not None:  # the teacher's units: keep the initial scaling factor
+                scale = self.kept_scaling_factor
+                new = posterior_means(vae, self.train_pixels[self.n_free:])
+                rms = lambda t: float(t.square().mean().sqrt())  # noqa: E731
+                anchored = {"anchor_images": len(new), "anchor_weight": self.loss_fn.anchor_weight,
+                            "anchor_latent_drift_rel": round(rms(new - self.anchor_means) / rms(self.anchor_means), 5)}
             result = {
                 "psnr_db": round(reconstruction_psnr(vae, self.eval_pixels), 4),
                 "psnr_split": self.eval_split,
                 "psnr_images": len(self.eval_pixels),
                 "baseline_mean_image_psnr_db": round(mean_image_psnr(self.train_pixels, self.eval_pixels), 4),
                 "scaling_factor": scale,
-                "scaling_factor_from": f"1/std of posterior means of {stats['images']} train images",
+                "scaling_factor_from": "kept from the initial VAE (anchored latents)" if anchored else
+                f"1/std of posterior means of {stats['images']} train images",
+                **anchored,
                 "latent_std_unscaled": stats["latent_std"],
                 "latent_mean_unscaled": stats["latent_mean"],
             }

@@ -78,6 +78,34 @@ def _cmd_mini(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_openworld(args: argparse.Namespace) -> int:
+    from llcm.data.openworld import HELD_OUT, MODALITIES, check_modalities, write_dataset
+
+    names = check_modalities(args.modality or [m for m in MODALITIES if m not in HELD_OUT])
+    names = [n for n in names if n not in check_modalities(args.leave_out or [])]
+    try:
+        path = write_dataset(args.out, names, args.train_per_modality, args.test_per_modality, size=args.size,
+                             seed=args.seed, augment=not args.no_augment, progress=not args.quiet)
+    except ImportError as exc:
+        raise UserError(f"the open-world corpus needs the [mini] extra (scikit-image, nilearn): {exc}") from None
+    print(f"{path}: {len(names)} modalities ({', '.join(names)}), {args.train_per_modality} train and "
+          f"{args.test_per_modality} test crops each")
+    return 0
+
+
+OPENWORLD_EPILOG = """\
+modalities (pixels shipped inside scikit-image, nilearn, pydicom and nibabel, plus procedural content):
+  ultrasound, microscopy, nuclear-medicine   held out of the default model's VAE: the unseen data
+  mri, ct, fundus, histology, natural, procedural   the default VAE's open-world training corpus
+
+examples:
+  llcm data openworld --out data/open-world                          the VAE corpus (held-out three left out)
+  llcm data openworld --out data/us --modality ultrasound --train-per-modality 256 --test-per-modality 80 \\
+      --no-augment                                                   an unseen-modality dataset for LCF
+  llcm data openworld --out data/ow-no-ct --leave-out ct             a leave-one-modality-out corpus
+"""
+
+
 def register(sub) -> None:
     data = sub.add_parser("data", help="build a medical image dataset (data build) or the offline one (data mini)",
                           description="Turn downloaded medical image folders into a clean, documented dataset.")
@@ -136,6 +164,26 @@ def register(sub) -> None:
     m.add_argument("--force", action="store_true", help="rebuild even if up to date")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_cmd_mini)
+
+    o = dsub.add_parser("openworld", help="crops of every medical modality that ships offline, by modality",
+                        description="Write an imagefolder dataset (class = modality) of random crops of real "
+                        "pixels shipped inside installed packages plus generic content, to train a VAE that "
+                        "must reconstruct modalities it never saw, or to make small unseen-modality datasets for "
+                        "adaptation. Train crops are augmented (scale, gamma, contrast, desaturation, flips); "
+                        "test crops come from pixels no train crop uses.",
+                        epilog=OPENWORLD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    o.add_argument("--out", required=True, help="output folder (must not exist)")
+    o.add_argument("--modality", action="append", metavar="NAME",
+                   help="a modality to include (repeatable; default: all but the three held out)")
+    o.add_argument("--leave-out", action="append", metavar="NAME", help="a modality to leave out (repeatable)")
+    o.add_argument("--train-per-modality", type=int, default=1500, help="train crops per modality (default 1500)")
+    o.add_argument("--test-per-modality", type=int, default=100, help="test crops per modality (default 100)")
+    o.add_argument("--size", type=int, default=64, help="crop size in pixels (default 64)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the crops (default 0)")
+    o.add_argument("--no-augment", action="store_true",
+                   help="plain crops for train too (a dataset to adapt a model to, rather than a VAE corpus)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.set_defaults(func=_cmd_openworld)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,141 @@
+"""The open-world corpus (`llcm data openworld`) and the anchored VAE fine-tune (`llcm train vae --anchor`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llcm.cli import main
+from llcm.data import openworld
+from test_vae_encode import CLASSES, make_dataset, micro_preset, shape_image
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def fake_modalities(monkeypatch):
+    """Two modalities whose pixels are their own coordinates: a 10-frame cine and a 320 x 80 still."""
+    cine = [np.full((70, 90), i / 10, np.float32) for i in range(10)]
+    ids = np.arange(320 * 80, dtype=np.float32).reshape(320, 80)
+    fake = {
+        "cine": openworld.Modality("cine", "a cine", lambda: [cine], True, "test"),
+        "still": openworld.Modality("still", "a still", lambda: [[ids]], False, "test"),
+    }
+    monkeypatch.setattr(openworld, "MODALITIES", fake)
+    return ids
+
+
+def test_train_and_test_never_share_pixels(fake_modalities):
+    ids = fake_modalities
+    train = np.concatenate([p.ravel() for p in openworld.regions("still", "train")])
+    test = np.concatenate([p.ravel() for p in openworld.regions("still", "test")])
+    assert not set(train.tolist()) & set(test.tolist())
+    assert len(train) + len(test) == ids.size and len(test) == ids.size // 4  # 2 of 8 bands
+    # test bands 3 and 7 of 8 lie between train bands (same anatomy, same scales)
+    assert [float(p[0, 0]) for p in openworld.regions("still", "test")] == [80 * 80, 240 * 80]
+    assert {p.shape for p in openworld.regions("still", "train")} == {(40, 80)}
+    frames_train = {float(f[0, 0]) for f in openworld.regions("cine", "train")}
+    frames_test = {float(f[0, 0]) for f in openworld.regions("cine", "test")}
+    assert len(frames_train) == 8 and len(frames_test) == 2 and not frames_train & frames_test
+    with pytest.raises(Exception, match="split"):
+        openworld.regions("still", "val")
+
+
+def test_corpus_is_seeded_per_modality(fake_modalities):
+    both, labels = openworld.corpus(["cine", "still"], 6, 32, seed=3)
+    alone, _ = openworld.corpus(["still"], 6, 32, seed=3)
+    again, _ = openworld.corpus(["cine", "still"], 6, 32, seed=3)
+    assert both.shape == (12, 32, 32, 3) and both.dtype == np.uint8 and labels == ["cine"] * 6 + ["still"] * 6
+    assert np.array_equal(both, again)
+    assert np.array_equal(both[6:], alone)  # leaving a modality out does not change the others' crops
+    assert not np.array_equal(openworld.corpus(["still"], 6, 32, seed=4)[0], alone)
+    with pytest.raises(Exception, match="unknown modality"):
+        openworld.corpus(["x-ray-of-mars"], 1, 32)
+
+
+def test_real_modalities_load_and_crop():
+    """Every modality's shipped pixels load; held-out ones are the three unseen kinds."""
+    assert set(openworld.HELD_OUT) == {"ultrasound", "microscopy", "nuclear-medicine"}
+    for name in openworld.MODALITIES:
+        imgs, _ = openworld.corpus([name], 2, 64, seed=0, split="test")
+        assert imgs.shape == (2, 64, 64, 3) and imgs.std() > 3, name
+
+
+def test_openworld_command_writes_a_dataset_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "us"
+    args = ["data", "openworld", "--out", str(out), "--modality", "ultrasound", "--train-per-modality", "5",
+            "--test-per-modality", "3", "--no-augment", "--quiet"]
+    assert main(args) == 0
+    from llcm.vae import load_pixels, scan_split
+
+    split = scan_split(out, "train", 4)
+    assert len(split) == 5 and set(split.texts) == {"echocardiography ultrasound image"}
+    assert load_pixels(scan_split(out, "test", 4)).shape == (3, 3, 64, 64)
+    before = sorted(p.name for p in (out / "train" / "ultrasound").iterdir())
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "train" / "ultrasound").iterdir()) == before
+    assert main(["data", "openworld", "--out", str(tmp_path / "x"), "--modality", "nope", "--quiet"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_anchor_term_is_the_scaled_latent_drift():
+    from llcm.vae import VAELoss
+
+    x = torch.zeros(3, 3, 8, 8)
+    mean = torch.zeros(3, 4, 2, 2)
+    mean[0] += 0.5  # drifted by 0.5 everywhere
+    mean[1] += 0.5  # drifted too, but not an anchor row
+
+    def net(x_, noise):
+        return x_.clone(), torch.zeros(len(x_)), mean
+
+    batch = {"x": x, "noise": None, "anchor": torch.tensor([True, False, True]), "anchor_mean": torch.zeros(3, 4, 2, 2)}
+    loss = VAELoss(0.0, anchor_weight=10.0, scaling_factor=2.0)(net, batch)
+    assert torch.allclose(loss, torch.tensor([10.0 * (2.0 * 0.5) ** 2, 0.0, 0.0]))
+    assert torch.allclose(VAELoss(0.0)(net, batch), torch.zeros(3))
+
+
+def test_anchored_fine_tune_keeps_old_latents_and_scaling_factor(tmp_path):
+    """Fine-tuning on new images with --anchor: the anchor images' latents move far less than without it,
+    and the saved VAE keeps the initial scaling factor (so a teacher on the old latents stays valid)."""
+    from llcm.vae import load_pixels, load_vae, posterior_means, scan_split
+
+    old_data = make_dataset(tmp_path / "old", per_class=(8, 2))
+    preset = micro_preset(tmp_path / "micro.json")
+    base = tmp_path / "base"
+    assert main(["train", "vae", "--data", str(old_data), "--out", str(base), "--preset", str(preset), "--steps", "20",
+                 "--batch", "8", "--lr", "2e-3", "--quiet"]) == 0
+    new_data = make_dataset(tmp_path / "new", per_class=(8, 2), seed=5)
+    for f in (new_data / "train").rglob("*.png"):  # a different kind of image: inverted, tinted blue
+        from PIL import Image
+
+        a = 255 - np.asarray(Image.open(f))
+        Image.fromarray(np.ascontiguousarray(a[..., ::-1])).save(f)
+    old_px = load_pixels(scan_split(old_data, "train", 4))
+    z0 = posterior_means(load_vae(base / "model"), old_px)
+    drift = {}
+    for name, extra in (("free", []), ("anchored", ["--anchor", str(old_data), "--anchor-weight", "30"])):
+        out = tmp_path / name
+        assert main(["train", "vae", "--data", str(new_data), "--init", str(base / "model"), "--out", str(out),
+                     "--steps", "15", "--batch", "8", "--lr", "2e-3", "--quiet", *extra]) == 0
+        z = posterior_means(load_vae(out / "model"), old_px)
+        drift[name] = float((z - z0).norm() / z0.norm())
+    report = json.loads((tmp_path / "anchored" / "model" / "vae_report.json").read_text())
+    base_sf = load_vae(base / "model").config.scaling_factor
+    assert report["scaling_factor"] == pytest.approx(base_sf) and "kept" in report["scaling_factor_from"]
+    assert report["anchor_latent_drift_rel"] == pytest.approx(drift["anchored"], rel=1e-3)
+    assert drift["anchored"] < 0.5 * drift["free"], drift
+    assert main(["train", "vae", "--data", str(new_data), "--anchor", str(old_data), "--out", str(tmp_path / "bad"),
+                 "--quiet"]) == 2  # --anchor without --init
+    assert not (tmp_path / "bad").exists()
