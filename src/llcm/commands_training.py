@@ -265,6 +265,8 @@ def register_finetune(sub) -> None:
     p.add_argument("--model", required=True, help="a trained LLCM folder")
     p.add_argument("--latents", required=True, help="latent cache of the new dataset (encoded with this model's VAE)")
     _consistency_options(p, d)
+    p.add_argument("--x0-weight", type=float, default=0.0,
+                   help="weight of a denoising term d(f(z_t), z0) added to the consistency loss (default 0)")
     p.set_defaults(func=run_finetune)
 
 
@@ -282,7 +284,8 @@ def run_finetune(args) -> int:
         cfg = json.loads(cfg_file.read_text())
         d = {**d, "k": cfg.get("k", d["k"]), "w_min": cfg.get("w_min", d["w_min"]), "w_max": cfg.get("w_max", d["w_max"])}
     data = _load_latents(args.latents, model)
-    return _run(lambda: FinetuneTask(model, data, **_cons_kwargs(args, d)), args, d, "finetune")
+    return _run(lambda: FinetuneTask(model, data, x0_weight=args.x0_weight, **_cons_kwargs(args, d)), args, d,
+                "finetune")
 
 
 def register(sub) -> None:

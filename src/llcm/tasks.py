@@ -307,12 +307,12 @@ class FinetuneTask(_ConsistencyTask):
 
     def __init__(self, model: Components, data: LatentSet, k: int = 20, w_min: float = 5.0, w_max: float = 15.0,
                  ema_decay: float = 0.95, metric: str = "huber", huber_c: float = 0.001, lora_rank: int = 0,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | None = None, x0_weight: float = 0.0):
         if not getattr(model.unet.config, "time_cond_proj_dim", None):
             raise UserError("LCF fine-tunes a trained LLCM/LCM (a UNet with a guidance embedding); "
                             "this model has none: distil it first with `llcm distill`")
         model.vae.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet)
-        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c)
+        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c, x0_weight)
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The default model's open-world VAE: the shipped VAE fine-tuned on `llcm data openworld` (every offline
+# modality but ultrasound, microscopy and nuclear medicine, which stay unseen) while the latents of the
+# embedded dataset are held where they were (--anchor), so the shipped teacher and students stay valid.
+#   bash recipes/openworld_vae.sh [RUN_DIR]      (2015 steps: about 20 min on an idle 2-core machine at one thread)
+# then score it: python bench/vae_open_world.py --model new=RUN_DIR/vae/model --model shipped=default --data RUN_DIR/mini
+set -euo pipefail
+R=${1:-runs/openworld-vae}
+STEPS=${STEPS:-2015}
+mkdir -p "$R"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+[ -d "$R/mini" ] || llcm data mini --out "$R/mini" --quiet
+[ -d "$R/corpus" ] || llcm data openworld --out "$R/corpus" --quiet
+RESUME=(); [ -d "$R/vae/checkpoints" ] && RESUME=(--resume)
+llcm train vae --data "$R/corpus" --init "${INIT:-default}" --anchor "$R/mini" --anchor-weight 10 --out "$R/vae" \
+  --steps "$STEPS" --batch 32 --lr 2e-4 --checkpoint-every 500 --quiet "${RESUME[@]}"
