@@ -20,6 +20,8 @@ examples:
   llcm generate "chest X-ray with a nodule" --batch 8 --steps 2 --seed 100
   llcm generate --model runs/llcm/model --prompt "fundus photograph" --prompt "" --w 6
   llcm generate "x" --model tiny-cpu                    untrained tiny preset (plumbing check)
+  llcm generate "dog thorax X-ray" --adapter runs/lcf-dog/model     an LCF adapter on the base it names
+  llcm generate "dog thorax X-ray" --model default --adapter runs/lcf-dog/model
 
 w is the guidance scale in LCM form (Stable Diffusion's guidance_scale = 1 + w); a value outside the
 range the model was distilled with triggers a warning. An empty prompt "" is unconditional.
@@ -32,8 +34,13 @@ def register(sub) -> None:
     p.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the text prompt (or use --prompt, repeatable)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--model", default=None,
-                   help="a local model folder (llcm or diffusers LCM format) or a preset name; default: the "
-                        "model shipped with llcm")
+                   help="a local model folder (llcm or diffusers LCM format, or an adapter folder from `llcm "
+                        "finetune --lora-rank`), 'default' (the model shipped with llcm) or a preset name; "
+                        "default: the shipped model. With --adapter: the base to apply it to")
+    p.add_argument("--adapter", default=None, metavar="FOLDER",
+                   help="an adapter folder from `llcm finetune --lora-rank`: merged into a copy of the base in "
+                        "memory (the base's files are only read). The base is --model, else the one the adapter "
+                        "records; a base whose UNet hash differs from the recorded one is refused")
     p.add_argument("--steps", type=int, default=4, help="consistency steps, 1-50 (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1, at most 64 in all)")
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be at least 1, got {args.batch}")
     all_prompts = [p for p in prompts for _ in range(args.batch)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, adapter=args.adapter)
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

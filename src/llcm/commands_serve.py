@@ -20,6 +20,7 @@ queue gets a "busy" answer, HTTP 503); the page cannot name files, and images ar
 examples:
   llcm serve                                   default model on http://127.0.0.1:7860/
   llcm serve --model runs/llcm/model --port 8000 --out out/serve
+  llcm serve --adapter runs/lcf-dog/model      an LCF adapter merged into the base it records
   curl -s http://127.0.0.1:7860/api/generate -H 'Content-Type: application/json' \\
        -d '{"prompt": "axial brain MRI, T1-weighted", "steps": 4, "seed": 0, "n": 2}'
 """
@@ -29,7 +30,11 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="web page + HTTP API for generation (pip install 'llcm[ui]')",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="a local model folder or a preset name; default (or 'default'): the model shipped with llcm")
+                   help="a local model folder (or an adapter folder), 'default' (the model shipped with llcm) or a "
+                        "preset name; default: the shipped model. With --adapter: the base to apply it to")
+    p.add_argument("--adapter", default=None, metavar="FOLDER",
+                   help="an adapter folder from `llcm finetune --lora-rank`, merged into a copy of the base in memory "
+                        "(--model, else the base it records; a base with another UNet hash is refused)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; anything else is exposed)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -54,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{name} must be between 1 and {hi}, got {v}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
-    model = None if args.model in (None, "default") else args.model
-    serve(model, args.host, args.port, args.out,
-          Limits(args.max_steps, args.max_images, args.max_size, args.queue))
+    serve(args.model, args.host, args.port, args.out,
+          Limits(args.max_steps, args.max_images, args.max_size, args.queue), adapter=args.adapter)
     return 0

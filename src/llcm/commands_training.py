@@ -251,19 +251,52 @@ Latent consistency fine-tuning (LCF, LLCM Algorithm 1): adapt a trained LLCM to 
 no teacher. The same noise places each latent at t_n and t_(n+k); the student at t_(n+k) learns to
 match the EMA target at t_n.
 
-example:
-  llcm encode --data data/dog-xray --model runs/llcm/model --out lat/dog
-  llcm finetune --model runs/llcm/model --latents lat/dog --out runs/llcm-dog
+--model is a model folder, 'default' (the model shipped with llcm) or the OUT/model of an earlier
+finetune, full or adapter. Its files are only read.
+
+--lora-rank R trains LoRA adapters (and the w-embedding) only, and OUT/model is then a small adapter
+folder (adapter.safetensors + llcm.json naming the base and its UNet hash), not a copy of the UNet: one
+base can carry several adapters. generate, evaluate, serve, encode and finetune take the adapter folder
+as --model (it is merged into a copy of its base in memory); generate and serve also take
+--model BASE --adapter FOLDER. A further finetune on an adapter folder trains on the merged model:
+with --lora-rank its new adapter names the first one as its base (adapters chain); without, it writes
+a full model. --merge writes the merged full model instead of the adapter.
+
+--replay F keeps the base's classes: a share F of every batch is replay latents with their prompts,
+from --replay-latents (the base's training latent cache, encoded with the same VAE) or, without it,
+sampled by the base itself at the start of the run (4 steps, --replay-per-class per class of its
+llcm.json, seeded from --seed) and cached in OUT/replay, so --resume reuses them.
+
+examples:
+  llcm encode --data data/dog-xray --model default --out lat/dog
+  llcm finetune --model default --latents lat/dog --out runs/llcm-dog
+  llcm finetune --model default --latents lat/dog --lora-rank 8 --out runs/lcf-dog      (a small adapter)
+  llcm generate "dog thorax X-ray" --adapter runs/lcf-dog/model
+  llcm finetune --model default --latents lat/dog --replay 0.25 --out runs/llcm-dog-replay
+  llcm finetune --model runs/llcm/model --latents lat/dog --replay 0.25 --replay-latents lat/train --out runs/r
 """
 
 
 def register_finetune(sub) -> None:
+    from llcm.replay import DEFAULT_FRACTION, PER_CLASS
+
     d = preset_defaults(None, "finetune")
     p = sub.add_parser("finetune", help="latent consistency fine-tuning (LCF) on a new dataset",
                        description=FINETUNE_HELP, epilog=LOOP_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a trained LLCM folder")
+    p.add_argument("--model", required=True, help="a trained LLCM folder, 'default', or an adapter folder")
     p.add_argument("--latents", required=True, help="latent cache of the new dataset (encoded with this model's VAE)")
+    p.add_argument("--merge", action="store_true",
+                   help="with --lora-rank: write the merged full model (loadable by diffusers alone) instead of "
+                        "an adapter folder")
+    p.add_argument("--replay", type=float, default=DEFAULT_FRACTION, metavar="F",
+                   help=f"share of each batch drawn from replay latents of the base's classes, so they are not "
+                        f"forgotten (0 <= F < 1; default {DEFAULT_FRACTION:g})")
+    p.add_argument("--replay-latents", default=None, metavar="DIR",
+                   help="the base model's training latent cache to replay (default: sample the base itself)")
+    p.add_argument("--replay-per-class", type=int, default=PER_CLASS, metavar="N",
+                   help=f"replay latents sampled per base class when --replay-latents is not given "
+                        f"(default {PER_CLASS})")
     _consistency_options(p, d)
     p.add_argument("--x0-weight", type=float, default=0.0,
                    help="weight of a denoising term d(f(z_t), z0) added to the consistency loss (default 0)")
@@ -273,19 +306,37 @@ def register_finetune(sub) -> None:
 def run_finetune(args) -> int:
     import json
 
+    from llcm.adapter import base_spec
     from llcm.models import load_components
+    from llcm.pipeline import resolve_model
+    from llcm.replay import CACHE, check_fraction, load_or_sample
     from llcm.tasks import FinetuneTask
 
     d = preset_defaults(args.preset, "finetune")
+    check_fraction(args.replay)
+    if args.merge and not args.lora_rank:
+        raise UserError("--merge only applies to --lora-rank (a full fine-tune always writes a full model)")
     _require_folder(args.latents, "latent cache", "create it with `llcm encode`")
-    model = load_components(args.model)
-    cfg_file = Path(args.model) / "llcm.json"
-    if cfg_file.exists():  # keep the model's own k and w range unless overridden
-        cfg = json.loads(cfg_file.read_text())
-        d = {**d, "k": cfg.get("k", d["k"]), "w_min": cfg.get("w_min", d["w_min"]), "w_max": cfg.get("w_max", d["w_max"])}
-    data = _load_latents(args.latents, model)
-    return _run(lambda: FinetuneTask(model, data, x0_weight=args.x0_weight, **_cons_kwargs(args, d)), args, d,
-                "finetune")
+    folder = resolve_model(args.model)
+    model = load_components(folder)
+    cfg_file = folder / "llcm.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    # keep the model's own k and w range unless overridden
+    d = {**d, "k": cfg.get("k", d["k"]), "w_min": cfg.get("w_min", d["w_min"]), "w_max": cfg.get("w_max", d["w_max"])}
+    data = _load_latents(args.latents, model)  # another VAE's latents are refused here, before OUT exists
+    replay, cache = None, None
+    if args.replay > 0 and args.replay_latents:
+        _require_folder(args.replay_latents, "replay latent cache", "give the base model's training latents")
+        replay = _load_latents(args.replay_latents, model)
+        replay.meta["origin"] = str(Path(args.replay_latents).resolve())
+    elif args.replay > 0 and not args.dry_run:
+        cache = Path(args.out) / CACHE
+        replay, fresh = load_or_sample(cache, model, cfg, tuple(data.latents.shape[1:]), args.replay_per_class,
+                                       args.seed)
+        cache = cache if fresh else None
+    base = None if args.merge else base_spec(args.model)
+    return _run(lambda: FinetuneTask(model, data, **_cons_kwargs(args, d), x0_weight=args.x0_weight, adapter_base=base, replay=replay,
+                                     replay_fraction=args.replay, replay_cache=cache), args, d, "finetune")
 
 
 def register(sub) -> None:

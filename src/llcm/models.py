@@ -272,8 +272,13 @@ def load_components(
     ``prediction_type`` comes from ``scheduler/scheduler_config.json`` (default "epsilon"),
     ``scaling_factor`` from the VAE config. ``variant`` selects e.g. ``*.fp16.safetensors`` files;
     ``dtype`` (e.g. ``torch.float16`` on a GPU) is the dtype of all three models.
+    An adapter folder (:mod:`llcm.adapter`) gives its base's components with the adapter merged in.
     """
     folder = _local_folder(path)
+    from llcm.adapter import is_adapter, load_adapted
+
+    if is_adapter(folder):
+        return load_adapted(folder, dtype=dtype)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
     if missing:
         listed = ", ".join(m + "/" for m in missing)

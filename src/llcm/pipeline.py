@@ -87,10 +87,14 @@ class LLCMPipeline:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "LLCMPipeline":
-        """Load a local llcm or diffusers LCM folder (never the network)."""
+    def from_pretrained(cls, path: str | os.PathLike, base: str | os.PathLike | None = None) -> "LLCMPipeline":
+        """Load a local llcm or diffusers LCM folder, or an adapter folder (never the network).
+
+        An adapter is merged into its recorded base, or into `base` when given (llcm.adapter)."""
+        from llcm.adapter import load_adapted
+
         path = Path(path)
-        components = load_components(path)
+        components = load_components(path) if base is None else load_adapted(path, base)
         cfg_file = path / "llcm.json"
         config = LLCMConfig.from_dict(json.loads(cfg_file.read_text())) if cfg_file.exists() else LLCMConfig()
         sched_file = path / "scheduler" / "scheduler_config.json"
@@ -155,6 +159,15 @@ class LLCMPipeline:
         if len(seeds) != len(prompts):
             raise UserError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         w = self.config.w_default if w is None else float(w)
+        ts, z0 = self.sample_latents(prompts, steps, seeds, w, height, width, timesteps)
+        images = decode_latents(self.components, z0)
+        return Generation(images, prompts, seeds, steps, w, ts, self.model_hash)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], steps: int, seeds: list[int], w: float, height: int | None = None,
+                       width: int | None = None,
+                       timesteps: Sequence[int] | None = None) -> tuple[list[int], torch.Tensor]:
+        """(timesteps, scaled latents z0) for one prompt and seed per image, before the VAE decodes them."""
         height = height or self.default_size()
         width = width or self.default_size()
         self.check_request(steps, w, height, width, len(prompts))
@@ -165,10 +178,8 @@ class LLCMPipeline:
         table = encode_prompts(c, distinct)
         embeds = table[[distinct.index(p) for p in prompts]]
         shape = (c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
-        z0 = sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts,
-                                latent_mean=self.config.latent_mean)
-        images = decode_latents(c, z0)
-        return Generation(images, prompts, seeds, steps, w, ts, self.model_hash)
+        return ts, sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts,
+                                      latent_mean=self.config.latent_mean)
 
     # ----------------------------------------------------------------------------- saving
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -230,16 +241,40 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
+DEFAULT_MODEL = "default"  # the --model name of the model shipped with llcm
+
+
 def default_model_path() -> Path | None:
-    """The model shipped inside the package (models/default), if this install has it."""
+    """The model shipped inside the package (llcm/default_model), if this install has it."""
     p = Path(__file__).parent / "default_model"
     return p if (p / "model_index.json").exists() else None
 
 
-def load_pipeline(spec: str | None = None) -> LLCMPipeline:
-    """A pipeline from a local folder, a preset name (untrained weights) or, when None, the default model."""
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """A --model argument as a folder: "default" names the model shipped with llcm, anything else a path.
+
+    Every command that takes a model folder resolves it here, so "default" means the same everywhere."""
+    if str(spec) != DEFAULT_MODEL:
+        return Path(spec).expanduser()
+    path = default_model_path()
+    if path is None:
+        raise UserError("this llcm install has no default model (llcm/default_model is missing); "
+                        "pass a model folder instead")
+    return path
+
+
+def load_pipeline(spec: str | None = None, adapter: str | os.PathLike | None = None) -> LLCMPipeline:
+    """A pipeline from a local folder, "default", a preset name (untrained weights) or, when None, the
+    default model (the tiny preset, with a warning, if this install has none).
+
+    `adapter`: an adapter folder merged into `spec` (default: into the base the adapter records)."""
     from llcm.models import add_guidance_embedding, build_tiny_components, list_presets, load_preset
 
+    if adapter is not None:
+        from llcm.adapter import adapter_record
+
+        base = adapter_record(adapter)["base"] if spec is None else spec
+        return LLCMPipeline.from_pretrained(adapter, base=resolve_model(base))
     if spec is None:
         path = default_model_path()
         if path is None:
@@ -247,7 +282,7 @@ def load_pipeline(spec: str | None = None) -> LLCMPipeline:
             spec = "tiny-cpu"
         else:
             return LLCMPipeline.from_pretrained(path)
-    p = Path(spec)
+    p = resolve_model(spec)
     if p.exists():
         return LLCMPipeline.from_pretrained(p)
     if spec in list_presets():

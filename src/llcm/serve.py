@@ -365,13 +365,15 @@ def build_app(service: Service, banner: str = ""):
                                theme=gr.themes.Default(), show_error=True)
 
 
-def load_service(model: str | None, out: str | os.PathLike, limits: Limits) -> Service:
-    from llcm.pipeline import default_model_path, load_pipeline
+def load_service(model: str | None, out: str | os.PathLike, limits: Limits,
+                 adapter: str | os.PathLike | None = None) -> Service:
+    from llcm.pipeline import default_model_path, load_pipeline, resolve_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipe = load_pipeline(model)
-    folder = default_model_path() if model is None else Path(model) if Path(model).is_dir() else None
+        pipe = load_pipeline(model, adapter=adapter)
+    folder = Path(adapter) if adapter else default_model_path() if model is None else resolve_model(model)
+    folder = folder if folder is not None and folder.is_dir() else None
     notes = [str(w.message) for w in caught]
     if folder is None:  # one clear line instead of the pipeline's warning
         notes = [n for n in notes if "untrained" not in n]
@@ -399,12 +401,12 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, out: str | os.PathLike = "out/serve",
-          limits: Limits = Limits()) -> None:
-    """Load the model and serve the page and API until interrupted."""
+          limits: Limits = Limits(), adapter: str | os.PathLike | None = None) -> None:
+    """Load the model (and adapter) and serve the page and API until interrupted."""
     import uvicorn
 
     check_port(host, port)
-    service = load_service(model, out, limits)
+    service = load_service(model, out, limits, adapter)
     banner = ""
     if not is_loopback(host):
         print(exposure_warning(host, port), file=sys.stderr, flush=True)

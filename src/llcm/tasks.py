@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llcm.adapter import add_lora, merged_unet
 from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
 from llcm.latents import LatentSet, channel_mean
@@ -27,8 +28,6 @@ from llcm.solvers import get_solver
 from llcm.training import TaskBase
 
 Tensor = torch.Tensor
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "time_emb_proj"]
 
 
 @torch.no_grad()
@@ -36,39 +35,6 @@ def prompt_table(components: Components, prompts: list[str], batch: int = 64) ->
     """Embeddings of each distinct prompt, [P, L, D], computed once with the frozen text encoder."""
     out = [encode_prompts(components, prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
     return torch.cat(out).float()
-
-
-def add_lora(unet: nn.Module, rank: int) -> nn.Module:
-    """Freeze the UNet and add LoRA adapters (peft) on attention, feed-forward and conv layers."""
-    try:
-        from peft import LoraConfig
-    except ImportError:  # pragma: no cover
-        raise UserError("LoRA needs peft: pip install 'llcm[lora]'") from None
-    unet.requires_grad_(False)
-    names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()}
-    targets = [t for t in LORA_TARGETS if t.split(".")[-1] in names or t in names]
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
-    return unet
-
-
-def merged_unet(unet: nn.Module) -> nn.Module:
-    """A plain UNet (no adapters) whose weights include any LoRA update; the input is left unchanged."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
-        return unet
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    work = copy.deepcopy(unet)
-    for m in work.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge()
-    state = {}
-    for k, v in work.state_dict().items():
-        if "lora_" in k:
-            continue
-        state[k.replace(".base_layer.", ".")] = v
-    plain = type(unet).from_config(unet.config)
-    plain.load_state_dict(state)
-    return plain
 
 
 class _PromptData(TaskBase):
@@ -303,16 +269,78 @@ def _check_student(student: nn.Module, teacher_unet: nn.Module) -> None:
 
 
 class FinetuneTask(_ConsistencyTask):
+    """LCF. `adapter_base` (with `lora_rank`): save a small adapter folder naming this base (llcm.adapter)
+    instead of a merged full UNet. `replay`: latents (with their prompts) of which a share `replay_fraction`
+    of every batch is made, so the base's classes are kept (llcm.replay)."""
+
     name = "finetune"
 
     def __init__(self, model: Components, data: LatentSet, k: int = 20, w_min: float = 5.0, w_max: float = 15.0,
                  ema_decay: float = 0.95, metric: str = "huber", huber_c: float = 0.001, lora_rank: int = 0,
-                 schedule: Schedule | None = None, x0_weight: float = 0.0):
+                 schedule: Schedule | None = None, x0_weight: float = 0.0, adapter_base: str | None = None,
+                 replay: LatentSet | None = None, replay_fraction: float = 0.0, replay_cache: Path | None = None):
+        from llcm.models import model_hash
+        from llcm.replay import check_fraction
+
         if not getattr(model.unet.config, "time_cond_proj_dim", None):
             raise UserError("LCF fine-tunes a trained LLCM/LCM (a UNet with a guidance embedding); "
                             "this model has none: distil it first with `llcm distill`")
+        check_fraction(replay_fraction)
+        if replay is not None and replay.latents.shape[1:] != data.latents.shape[1:]:
+            raise UserError(f"replay latents are {tuple(replay.latents.shape[1:])}, the new latents "
+                            f"{tuple(data.latents.shape[1:])}: both must come from this model's VAE at one size")
+        self.adapter_base = adapter_base if lora_rank else None
+        self.base_hash = model_hash(model.unet) if self.adapter_base else None
+        self.replay = replay if replay_fraction > 0 else None
+        self.replay_fraction, self.replay_cache = replay_fraction, replay_cache
         model.vae.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet)
         self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c, x0_weight)
+        if self.replay is not None:
+            self.replay_embeds = prompt_table(model, list(self.replay.prompts))
+            new = list(dict.fromkeys(data.prompts))
+            self.sample_prompts = (new + [p for p in dict.fromkeys(self.replay.prompts) if p not in new])[:8]
 
+    def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+        """The LCF batch, then a share of its rows (random positions) replaced by random replay latents and
+        their prompts; every choice comes from `gen`, for the global batch."""
+        from llcm.replay import replay_rows
+
+        r = replay_rows(len(idx), self.replay_fraction) if self.replay is not None else 0
+        if r == 0:
+            return super().draw(idx, gen)
+        pos = torch.randperm(len(idx), generator=gen)[:r]
+        pick = torch.randint(len(self.replay), (r,), generator=gen)
+        batch = super().draw(idx, gen)
+        batch["z0"][pos] = self.replay.latents[pick]
+        batch["embeds"][pos] = self.replay_embeds[self.replay.prompt_index[pick]]
+        return batch
+
+    def begin(self, out: Path) -> None:
+        if self.replay is not None and self.replay_cache is not None:
+            self.replay.save(self.replay_cache)  # sampled at the start of this run: --resume reuses them
+
+    def llcm_config(self):
+        cfg = super().llcm_config()
+        if self.replay is None:
+            return cfg
+        f = self.replay_fraction  # the mixture's per-channel mean is what the model saw in training
+        mean = [(1 - f) * a + f * b for a, b in zip(cfg.latent_mean, channel_mean(self.replay.latents))]
+        cfg.latent_mean = [round(v, 6) for v in mean]
+        cfg.classes = list(dict.fromkeys(cfg.classes + list(self.replay.prompts)))
+        meta = {k: v for k, v in self.replay.meta.items() if k in ("origin", "base_hash", "per_class", "seed",
+                                                                     "steps", "w", "source")}
+        cfg.source["replay"] = {"fraction": f, "latents": len(self.replay), "classes": list(self.replay.prompts),
+                                **meta}
+        return cfg
+
+    def save_model(self, folder: Path) -> Path:
+        if not self.adapter_base:
+            return super().save_model(folder)
+        from llcm.adapter import save_adapter
+        from llcm.pipeline import lcm_scheduler_config
+
+        cfg = self.llcm_config()
+        sched = lcm_scheduler_config(self.schedule, self.components.prediction_type, cfg.k)
+        return save_adapter(self.trainable.unet, folder, dict(cfg.__dict__), self.adapter_base, self.base_hash, sched)

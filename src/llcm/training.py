@@ -81,6 +81,10 @@ class Task(Protocol):
     def draw(self, indices: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         """The global batch for `indices`: data rows plus every random draw (noise, t, w, dropout)."""
 
+    def begin(self, out: Path) -> None:
+        """Called on the main process once the run folder exists, before the first step (e.g. to cache data
+        made for this run, so that --resume reuses it)."""
+
     def after_step(self) -> None:
         """Called after each optimiser step (e.g. the EMA target update)."""
 
@@ -105,6 +109,9 @@ class TaskBase:
 
     def loss(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return self.loss_fn(net, batch)
+
+    def begin(self, out: Path) -> None:
+        pass
 
     def after_step(self) -> None:
         pass
@@ -266,6 +273,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     if acc.is_main_process:
         writable_folder(out)
         (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
+        task.begin(out)
     n = task.num_examples()
     if n < 1:
         raise UserError("the dataset is empty")

@@ -11,7 +11,8 @@
 
 A model is given as ``NAME=FOLDER[:SAMPLER][@N[,N...]]`` (see `parse_model_spec`):
 
-    llcm=runs/llcm/model                  consistency sampling at each --steps (the folder has a w-embedding)
+    llcm=runs/llcm/model                  consistency sampling at each --steps (the folder has a w-embedding;
+                                          "default" or an adapter folder work too, see llcm.adapter)
     teacher=runs/teacher/model:ddim@50    the teacher with real CFG, DDIM at 50 steps ("Stable Diffusion")
     teacher=runs/teacher/model:dpmpp@20   the same teacher with DPM-Solver++ (2S) at 20 steps
     db=runs/dreambooth:ddim@50            a DreamBooth set (dreambooth.json: one fine-tuned teacher per class)
@@ -188,12 +189,16 @@ def class_of(row: dict) -> str:
 
 
 def _unet_config(folder: Path) -> dict:
-    f = folder / "unet" / "config.json"
+    from llcm.adapter import full_model_folder
+
+    f = full_model_folder(folder) / "unet" / "config.json"  # an adapter keeps its base's architecture
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def model_kind(spec: ModelSpec) -> str:
-    folder = Path(spec.path).expanduser()
+    from llcm.pipeline import resolve_model
+
+    folder = resolve_model(spec.path)
     if not folder.exists():
         raise UserError(f"--model {spec.name}: {spec.path} does not exist (llcm never downloads models)")
     if spec.sampler == "images":
@@ -225,10 +230,12 @@ def image_steps(folder: Path) -> list[int]:
 
 
 def plan_runs(cfg: EvalConfig) -> list[Run]:
+    from llcm.pipeline import resolve_model
+
     runs: list[Run] = []
     for spec in cfg.models:
         kind = model_kind(spec)
-        path = str(Path(spec.path).expanduser().resolve())
+        path = str(resolve_model(spec.path).resolve())
         if kind == "images":
             steps = spec.steps or tuple(image_steps(Path(path)))
             if not steps:
