@@ -11,6 +11,13 @@ mkdir -p "$R"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 [ -d "$R/mini" ] || llcm data mini --out "$R/mini" --quiet
 [ -d "$R/corpus" ] || llcm data openworld --out "$R/corpus" --quiet
+# the VAE the shipped student was trained with (the default model's VAE before this recipe replaced it)
+if [ -z "${INIT:-}" ]; then
+  INIT="$R/student-vae"; mkdir -p "$INIT"
+  for f in config.json diffusion_pytorch_model.safetensors; do
+    git show "5dce4d2:src/llcm/default_model/vae/$f" > "$INIT/$f"
+  done
+fi
 RESUME=(); [ -d "$R/vae/checkpoints" ] && RESUME=(--resume)
-llcm train vae --data "$R/corpus" --init "${INIT:-default}" --anchor "$R/mini" --anchor-weight 10 --out "$R/vae" \
+llcm train vae --data "$R/corpus" --init "$INIT" --anchor "$R/mini" --anchor-weight 10 --out "$R/vae" \
   --steps "$STEPS" --batch 32 --lr 2e-4 --checkpoint-every 500 --quiet "${RESUME[@]}"

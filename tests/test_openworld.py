@@ -89,21 +89,42 @@ def test_openworld_command_writes_a_dataset_and_refuses_to_overwrite(tmp_path, c
     assert not (tmp_path / "x").exists()
 
 
-def test_anchor_term_is_the_scaled_latent_drift():
+def test_anchor_rows_hold_latents_and_decode_to_the_initial_decoder():
     from llcm.vae import VAELoss
 
     x = torch.zeros(3, 3, 8, 8)
     mean = torch.zeros(3, 4, 2, 2)
     mean[0] += 0.5  # drifted by 0.5 everywhere
     mean[1] += 0.5  # drifted too, but not an anchor row
+    seen = {}
 
-    def net(x_, noise):
+    def net(x_, noise, z=None, given=None):
+        seen.update(z=z, given=given)
         return x_.clone(), torch.zeros(len(x_)), mean
 
-    batch = {"x": x, "noise": None, "anchor": torch.tensor([True, False, True]), "anchor_mean": torch.zeros(3, 4, 2, 2)}
+    target = torch.zeros(3, 3, 8, 8)
+    target[2] += 0.25  # what the initial decoder made of row 2's noisy latent: the decoded row must match it
+    batch = {"x": x, "noise": None, "anchor": torch.tensor([True, False, True]), "anchor_mean": torch.zeros(3, 4, 2, 2),
+             "z": torch.ones(3, 4, 2, 2), "target": target}
     loss = VAELoss(0.0, anchor_weight=10.0, scaling_factor=2.0)(net, batch)
-    assert torch.allclose(loss, torch.tensor([10.0 * (2.0 * 0.5) ** 2, 0.0, 0.0]))
-    assert torch.allclose(VAELoss(0.0)(net, batch), torch.zeros(3))
+    assert torch.allclose(loss, torch.tensor([10.0 * (2.0 * 0.5) ** 2, 0.0, 0.25 + 0.25 ** 2]))
+    assert seen["given"] is batch["anchor"] and seen["z"] is batch["z"]
+    plain = {k: batch[k] for k in ("x", "noise")}
+    assert torch.allclose(VAELoss(0.0)(net, plain), torch.zeros(3))
+
+
+def test_vae_model_decodes_given_latents_on_anchor_rows():
+    from llcm.models import load_preset
+    from llcm.vae import VAEModel, build_vae
+
+    cfg = load_preset("tiny-cpu")["vae"]
+    cfg.update(block_out_channels=[8, 16, 16], norm_num_groups=4, sample_size=16)
+    vae = build_vae(cfg, seed=0).eval()
+    x, noise, z = torch.randn(2, 3, 16, 16), torch.zeros(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    out, _, _ = VAEModel(vae)(x, noise, z, torch.tensor([False, True]))
+    with torch.no_grad():
+        assert torch.allclose(out[1], vae.decode(z[1:]).sample[0], atol=1e-5)
+        assert torch.allclose(out[0], vae.decode(vae.encode(x[:1]).latent_dist.mean).sample[0], atol=1e-5)
 
 
 def test_anchored_fine_tune_keeps_old_latents_and_scaling_factor(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from llcm.errors import UserError
@@ -49,10 +50,12 @@ def loop_config(args: argparse.Namespace, defaults: dict):
 def preset_defaults(name: str | None, section: str) -> dict:
     """Training defaults of a preset section ("teacher", "distill", "finetune"), with llcm's fallbacks.
 
-    name=None gives the fallbacks alone without importing torch (used to build --help quickly).
+    name=None gives those of the default preset (tiny-cpu) without importing torch, for --help.
     """
     if name is None:
-        preset = {}
+        from importlib.resources import files
+
+        preset = json.loads((files("llcm") / "configs" / "tiny-cpu.json").read_text(encoding="utf-8"))
     else:
         from llcm.models import load_preset
 
@@ -251,6 +254,13 @@ Latent consistency fine-tuning (LCF, LLCM Algorithm 1): adapt a trained LLCM to 
 no teacher. The same noise places each latent at t_n and t_(n+k); the student at t_(n+k) learns to
 match the EMA target at t_n.
 
+Defaults (preset tiny-cpu, the shipped model's size): lr 1e-3, EMA 0 (the target is the student
+itself), k 100, 600 steps x 32, pseudo-Huber loss. Why: without a teacher the new images enter only
+where t_n = 0 and climb the k-grid one interval per update; with the paper's k 20 / EMA 0.95 / lr 5e-5
+the default model learnt nothing of unseen ultrasound in 200-300 steps (FID and precision as zero-shot),
+while k 100 / EMA 0 / lr 1e-3 was the best of the settings measured (bench/lcf_settings.py,
+docs/adapt.md). --preset sd15 keeps the paper's settings (lr 8e-6, EMA 0.95, k 20, batch 1024).
+
 --model is a model folder, 'default' (the model shipped with llcm) or the OUT/model of an earlier
 finetune, full or adapter. Its files are only read.
 
@@ -298,8 +308,6 @@ def register_finetune(sub) -> None:
                    help=f"replay latents sampled per base class when --replay-latents is not given "
                         f"(default {PER_CLASS})")
     _consistency_options(p, d)
-    p.add_argument("--x0-weight", type=float, default=0.0,
-                   help="weight of a denoising term d(f(z_t), z0) added to the consistency loss (default 0)")
     p.set_defaults(func=run_finetune)
 
 
@@ -321,8 +329,9 @@ def run_finetune(args) -> int:
     model = load_components(folder)
     cfg_file = folder / "llcm.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-    # keep the model's own k and w range unless overridden
-    d = {**d, "k": cfg.get("k", d["k"]), "w_min": cfg.get("w_min", d["w_min"]), "w_max": cfg.get("w_max", d["w_max"])}
+    # keep the model's own w range (and its k, unless the preset sets LCF's own) unless overridden
+    k = d["k"] if "skipping_interval_k" in d["preset"].get("finetune", {}) else cfg.get("k", d["k"])
+    d = {**d, "k": k, "w_min": cfg.get("w_min", d["w_min"]), "w_max": cfg.get("w_max", d["w_max"])}
     data = _load_latents(args.latents, model)  # another VAE's latents are refused here, before OUT exists
     replay, cache = None, None
     if args.replay > 0 and args.replay_latents:
@@ -335,7 +344,7 @@ def run_finetune(args) -> int:
                                        args.seed)
         cache = cache if fresh else None
     base = None if args.merge else base_spec(args.model)
-    return _run(lambda: FinetuneTask(model, data, **_cons_kwargs(args, d), x0_weight=args.x0_weight, adapter_base=base, replay=replay,
+    return _run(lambda: FinetuneTask(model, data, **_cons_kwargs(args, d), adapter_base=base, replay=replay,
                                      replay_fraction=args.replay, replay_cache=cache), args, d, "finetune")
 
 

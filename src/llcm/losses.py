@@ -104,26 +104,14 @@ class ConsistencyDistillationLoss:
 class ConsistencyFinetuneLoss:
     """Latent consistency fine-tuning, LLCM Alg. 1 (no teacher, no solver): the SAME noise eps gives
     z_{t_{n+k}} = alpha z + sigma eps and z_{t_n} = alpha' z + sigma' eps; loss d(f_theta(z_{t_{n+k}}), f_{theta^-}(z_{t_n})).
-
-    ``x0_weight`` > 0 adds x0_weight * d(f_theta(z_{t_{n+k}}), z0), a denoising term (as CTM adds DSM to its
-    consistency loss, Kim et al. 2023): without a teacher, the data enter Alg. 1 only at the boundary
-    t_n = 0 and climb the k-grid one interval per target update, too slowly to teach a small model a
-    new modality in minutes; the denoising term reaches every t at once.
     """
 
-    def __init__(self, target: ConsistencyModel, schedule: Schedule, metric: str = "huber", huber_c: float = 0.001,
-                 x0_weight: float = 0.0):
-        if x0_weight < 0:
-            raise ValueError(f"x0_weight must be >= 0, got {x0_weight}")
+    def __init__(self, target: ConsistencyModel, schedule: Schedule, metric: str = "huber", huber_c: float = 0.001):
         self.target, self.schedule, self.metric, self.huber_c = target, schedule, metric, huber_c
-        self.x0_weight = x0_weight
 
     def __call__(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         z0, noise, t, s, w = batch["z0"], batch["noise"], batch["t"], batch["s"], batch["w"]
         pred = net(self.schedule.add_noise(z0, noise, t), t, batch["embeds"], w)
         with torch.no_grad():
             target = self.target(self.schedule.add_noise(z0, noise, s), s, batch["embeds"], w)
-        loss = distance(pred, target, self.metric, self.huber_c)
-        if self.x0_weight:
-            loss = loss + self.x0_weight * distance(pred, z0, self.metric, self.huber_c)
-        return loss
+        return distance(pred, target, self.metric, self.huber_c)

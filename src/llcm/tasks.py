@@ -277,7 +277,7 @@ class FinetuneTask(_ConsistencyTask):
 
     def __init__(self, model: Components, data: LatentSet, k: int = 20, w_min: float = 5.0, w_max: float = 15.0,
                  ema_decay: float = 0.95, metric: str = "huber", huber_c: float = 0.001, lora_rank: int = 0,
-                 schedule: Schedule | None = None, x0_weight: float = 0.0, adapter_base: str | None = None,
+                 schedule: Schedule | None = None, adapter_base: str | None = None,
                  replay: LatentSet | None = None, replay_fraction: float = 0.0, replay_cache: Path | None = None):
         from llcm.models import model_hash
         from llcm.replay import check_fraction
@@ -296,7 +296,7 @@ class FinetuneTask(_ConsistencyTask):
         model.vae.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
         super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet)
-        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c, x0_weight)
+        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c)
         if self.replay is not None:
             self.replay_embeds = prompt_table(model, list(self.replay.prompts))
             new = list(dict.fromkeys(data.prompts))

@@ -49,6 +49,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -68,6 +69,7 @@ Tensor = torch.Tensor
 
 DEFAULT_KL_WEIGHT = 1e-6
 HARD_PIXEL_SHARE = 0.02  # the "worst pixels" of VAELoss's hard-pixel term: 2% (82 of a 64x64 image)
+ANCHOR_NOISE = 0.5  # anchor rows decode the initial latents plus noise of std up to this (model units)
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -320,11 +322,14 @@ class VAEModel(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(reconstruction, KL per image, posterior mean)."""
+    def forward(self, x: Tensor, noise: Tensor, z_given: Tensor | None = None,
+                given: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(decoded latents, KL per image, posterior mean); rows where ``given`` is true decode ``z_given``."""
         posterior = self.vae.encode(x).latent_dist
         # z = mu + sigma * eps, eps ~ N(0, I)  (reparameterisation, Kingma & Welling 2014)
         z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        if given is not None:
+            z = torch.where(given.view(-1, 1, 1, 1), z_given.to(z.dtype), z)
         # KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum(mu^2 + sigma^2 - 1 - log sigma^2)
         return self.vae.decode(z).sample, posterior.kl(), posterior.mean
 
@@ -338,11 +343,13 @@ class VAELoss:
     lost every retinopathy finding). The worst pixels of an image are those missed findings (and edges),
     so weighting them makes the encoder keep them in the latents.
 
-    Anchor term (rows with ``batch["anchor"]`` true): + anchor_weight * mean (s * (mu - mu_old))^2, the
-    squared distance in the model's latent units (scaling factor s) between this VAE's posterior mean
-    and the one the initial VAE gave the same image. It lets a VAE learn new kinds of images while
-    the latents of the data a teacher was trained on stay where they were, so that teacher and its
-    students stay valid with the new decoder."""
+    Anchor rows (``batch["anchor"]`` true) keep an initial VAE's behaviour on the data a teacher was
+    trained on, so that teacher and its students stay valid: the encoder through + anchor_weight *
+    mean (s * (mu - mu_old))^2, the squared distance in the model's latent units (scaling factor s)
+    between this VAE's posterior mean and the initial one; the decoder by decoding ``batch["z"]``
+    (the initial posterior mean plus noise) with the initial decoder's output as its target
+    (``batch["target"]``). The noise matters: a student's samples are near, not on, the latents of
+    real images, and a decoder fitted only on those drew them with colour casts (README)."""
 
     def __init__(self, kl_weight: float = DEFAULT_KL_WEIGHT, hard_pixel_weight: float = 0.0,
                  anchor_weight: float = 0.0, scaling_factor: float = 1.0):
@@ -357,8 +364,11 @@ class VAELoss:
 
     def __call__(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
-        recon, kl, mean = net(x, batch["noise"])
-        diff = recon.float() - x.float()
+        if "anchor" in batch:
+            recon, kl, mean = net(x, batch["noise"], batch["z"], batch["anchor"])
+        else:
+            recon, kl, mean = net(x, batch["noise"])
+        diff = recon.float() - batch.get("target", x).float()
         err = diff.flatten(1)
         loss = err.abs().mean(1) + err.square().mean(1) + self.kl_weight * kl.float() / err.shape[1]
         if self.hard_pixel_weight:
@@ -395,6 +405,7 @@ class VAETask(TaskBase):
                                 "--standardize-latents")
             was = vae.training
             self.anchor_means = posterior_means(vae.eval(), anchor_pixels)  # the initial VAE's, fixed
+            self.anchor_decoder = copy.deepcopy(vae).eval().requires_grad_(False)  # the initial VAE, frozen
             vae.train(was)
             train_pixels = torch.cat([train_pixels, anchor_pixels])
         f = vae_factor(vae)
@@ -424,7 +435,16 @@ class VAETask(TaskBase):
             anchor = idx >= self.n_free
             means = torch.zeros((len(idx), *self.anchor_means.shape[1:]))
             means[anchor] = self.anchor_means[idx[anchor] - self.n_free]
-            batch.update(anchor=anchor, anchor_mean=means)
+            # the initial latents plus noise of a random std in [0, ANCHOR_NOISE] (model units), and what
+            # the initial decoder makes of them
+            spread = torch.rand(len(idx), generator=gen).view(-1, 1, 1, 1) * ANCHOR_NOISE / self.kept_scaling_factor
+            z = means + spread * torch.randn(means.shape, generator=gen)
+            target = x.clone()
+            if anchor.any():
+                with torch.no_grad():
+                    dec = self.anchor_decoder
+                    target[anchor] = dec.decode(z[anchor].to(next(dec.parameters()).device)).sample.float().cpu()
+            batch.update(anchor=anchor, anchor_mean=means, z=z, target=target)
         return batch
 
     def evaluate(self, vae=None) -> dict:
