@@ -19,5 +19,6 @@ if [ -z "${INIT:-}" ]; then
   done
 fi
 RESUME=(); [ -d "$R/vae/checkpoints" ] && RESUME=(--resume)
-llcm train vae --data "$R/corpus" --init "$INIT" --anchor "$R/mini" --anchor-weight 10 --out "$R/vae" \
+llcm train vae --data "$R/corpus" --init "$INIT" --anchor "$R/mini" --anchor-weight 10 --anchor-model default \
+  --anchor-samples 100 --out "$R/vae" \
   --steps "$STEPS" --batch 32 --lr 2e-4 --checkpoint-every 500 --quiet "${RESUME[@]}"

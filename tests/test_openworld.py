@@ -160,3 +160,28 @@ def test_anchored_fine_tune_keeps_old_latents_and_scaling_factor(tmp_path):
     assert main(["train", "vae", "--data", str(new_data), "--anchor", str(old_data), "--out", str(tmp_path / "bad"),
                  "--quiet"]) == 2  # --anchor without --init
     assert not (tmp_path / "bad").exists()
+
+
+def test_latents_without_images_are_decoded_as_the_initial_decoder_does():
+    """--anchor-model: a student's samples join the anchor as latent-only rows (a blank image for the encoder)."""
+    from llcm.models import load_preset
+    from llcm.vae import VAETask, build_vae
+
+    cfg = load_preset("tiny-cpu")["vae"]
+    cfg.update(block_out_channels=[8, 16, 16], norm_num_groups=4, sample_size=16)
+    vae = build_vae(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    px = lambda n: torch.from_numpy(rng.integers(0, 255, (n, 3, 16, 16), dtype=np.uint8))  # noqa: E731
+    samples = torch.randn(3, 4, 4, 4)
+    task = VAETask(vae, px(4), anchor_pixels=px(2), anchor_latents=samples)
+    assert task.num_examples() == 9 and task.n_images == 6
+    batch = task.draw(torch.arange(9), torch.Generator().manual_seed(0))
+    assert batch["anchor"].tolist() == [False] * 4 + [True] * 2 + [False] * 3  # the encoder holds image rows only
+    assert batch["given"].tolist() == [False] * 4 + [True] * 5
+    with torch.no_grad():
+        want = task.anchor_decoder.decode(batch["z"][6:]).sample
+    assert torch.allclose(batch["target"][6:], want, atol=1e-5)
+    assert (batch["z"][6:] - samples).abs().max() < 5  # the samples plus bounded noise
+    assert torch.equal(batch["target"][:4], batch["x"][:4])
+    report = task.evaluate()
+    assert report["anchor_images"] == 2 and report["anchor_decoded_latents"] == 3

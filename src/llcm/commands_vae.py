@@ -66,6 +66,12 @@ def register(sub) -> None:
                         "with their latents held to what the --init VAE gives them (see --anchor-weight); the saved "
                         "VAE keeps the --init scaling factor. So a VAE can learn new kinds of images while the "
                         "teacher and students built on the old latents stay valid. Needs --init")
+    p.add_argument("--anchor-model", default=None, metavar="LLCM",
+                   help="with --anchor: a model (e.g. 'default') whose own samples the decoder must also decode "
+                        "as the --init VAE does: a student's latents lie near, not on, those of real images, and a "
+                        "decoder held only on real latents drew the default model's samples with colour casts")
+    p.add_argument("--anchor-samples", type=int, default=100, metavar="N",
+                   help="latents sampled per class of --anchor-model (4 steps, seeded; default 100)")
     p.add_argument("--anchor-weight", type=float, default=1.0,
                    help="weight of the anchor term, mean squared latent drift in the model's units (default 1)")
     p.add_argument("--standardize-latents", action="store_true",
@@ -117,6 +123,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
         raise UserError(f"--hard-pixel-weight must be >= 0, got {args.hard_pixel_weight}")
     if args.anchor and not args.init:
         raise UserError("--anchor keeps the latents of an existing VAE: give that VAE with --init")
+    if args.anchor_model and not args.anchor:
+        raise UserError("--anchor-model needs --anchor (the images whose latents are held)")
     if args.anchor_weight < 0:
         raise UserError(f"--anchor-weight must be >= 0, got {args.anchor_weight}")
     if args.init:
@@ -168,9 +176,15 @@ def run_train_vae(args: argparse.Namespace) -> int:
         print(f"anchoring the latents of {len(anchor_split)} images of {anchor_split.root}")
         anchor_px = load_pixels(anchor_split)
         source = {**source, "anchor": str(anchor_split.root), "anchor_data_hash": anchor_split.data_hash}
+    anchor_z = None
+    if args.anchor_model:
+        anchor_z = model_samples(args.anchor_model, vae, args.anchor_samples, args.seed,
+                                 (train_split.height, train_split.width))
+        source = {**source, "anchor_model": args.anchor_model, "anchor_samples_per_class": args.anchor_samples}
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
                    steps=args.steps, standardize_latents=args.standardize_latents,
                    hard_pixel_weight=args.hard_pixel_weight, anchor_pixels=anchor_px, anchor_weight=args.anchor_weight,
+                   anchor_latents=anchor_z,
                    source={"data": str(train_split.root), "data_hash": train_split.data_hash, **source})
     try:
         summary = train(task, cfg, resume=args.resume, extra_config=extra)
@@ -185,6 +199,27 @@ def run_train_vae(args: argparse.Namespace) -> int:
     print(f"VAE saved to {summary['model']} (report: {Path(summary['model']) / 'vae_report.json'})")
     print(json.dumps(r))
     return 0
+
+
+def model_samples(spec: str, vae, per_class: int, seed: int, size: tuple[int, int]):
+    """Unscaled latents a model samples for each of its classes (4 steps), for the VAE's decoder anchor."""
+    import json
+
+    from llcm.models import load_components
+    from llcm.pipeline import resolve_model
+    from llcm.replay import sample_replay
+
+    folder = resolve_model(spec)
+    comps = load_components(folder)
+    sf = float(vae.config.scaling_factor)
+    if abs(comps.scaling_factor - sf) > 1e-6 * sf:
+        raise UserError(f"--anchor-model {spec} scales its latents by {comps.scaling_factor}, the --init VAE by {sf}: "
+                        "give the model trained on this VAE's latents")
+    cfg = json.loads((folder / "llcm.json").read_text()) if (folder / "llcm.json").is_file() else {}
+    f = comps.vae_scale_factor
+    shape = (comps.latent_channels, size[0] // f, size[1] // f)
+    print(f"sampling {per_class} latents per class of {spec} for the decoder anchor")
+    return sample_replay(comps, cfg, shape, per_class, seed).latents / sf
 
 
 def run_encode(args: argparse.Namespace) -> int:

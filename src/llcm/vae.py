@@ -365,7 +365,7 @@ class VAELoss:
     def __call__(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
         if "anchor" in batch:
-            recon, kl, mean = net(x, batch["noise"], batch["z"], batch["anchor"])
+            recon, kl, mean = net(x, batch["noise"], batch["z"], batch.get("given", batch["anchor"]))
         else:
             recon, kl, mean = net(x, batch["noise"])
         diff = recon.float() - batch.get("target", x).float()
@@ -389,13 +389,19 @@ class VAETask(TaskBase):
     def __init__(self, vae, train_pixels: Tensor, eval_pixels: Tensor | None = None, eval_split: str = "test",
                  kl_weight: float = DEFAULT_KL_WEIGHT, steps: int = 0, source: dict | None = None,
                  standardize_latents: bool = False, hard_pixel_weight: float = 0.0,
-                 anchor_pixels: Tensor | None = None, anchor_weight: float = 1.0):
+                 anchor_pixels: Tensor | None = None, anchor_weight: float = 1.0,
+                 anchor_latents: Tensor | None = None):
         """``anchor_pixels``: images (e.g. a teacher's training set) trained on with the others, whose latents
         must stay what ``vae`` gives them now (VAELoss's anchor term); the saved VAE then keeps ``vae``'s
-        scaling factor instead of measuring a new one, so a teacher trained on its latents stays valid."""
+        scaling factor instead of measuring a new one, so a teacher trained on its latents stays valid.
+        ``anchor_latents`` (unscaled, e.g. a student's samples; needs ``anchor_pixels``): latents without
+        images that the decoder must decode as ``vae`` does now."""
         if train_pixels.dtype != torch.uint8 or train_pixels.ndim != 4 or train_pixels.shape[1] != 3:
             raise ValueError("train_pixels must be uint8 [N, 3, H, W]")
         self.anchor_means, self.n_free = None, len(train_pixels)
+        self.n_images = len(train_pixels) + (0 if anchor_pixels is None else len(anchor_pixels))
+        if anchor_latents is not None and anchor_pixels is None:
+            raise UserError("latents to decode as the initial VAE does need anchor images too")
         if anchor_pixels is not None and len(anchor_pixels):
             if anchor_pixels.shape[1:] != train_pixels.shape[1:]:
                 raise UserError(f"anchor images are {tuple(anchor_pixels.shape[2:])} but the train images are "
@@ -405,9 +411,14 @@ class VAETask(TaskBase):
                                 "--standardize-latents")
             was = vae.training
             self.anchor_means = posterior_means(vae.eval(), anchor_pixels)  # the initial VAE's, fixed
+            if anchor_latents is not None:  # rows with a latent and no image (a blank image, for the encoder)
+                self.anchor_means = torch.cat([self.anchor_means, anchor_latents.float()])
             self.anchor_decoder = copy.deepcopy(vae).eval().requires_grad_(False)  # the initial VAE, frozen
             vae.train(was)
             train_pixels = torch.cat([train_pixels, anchor_pixels])
+            if anchor_latents is not None:
+                train_pixels = torch.cat([train_pixels, torch.zeros((len(anchor_latents), *train_pixels.shape[1:]),
+                                                                    dtype=torch.uint8)])
         f = vae_factor(vae)
         h, w = train_pixels.shape[-2:]
         if h % f or w % f:
@@ -432,19 +443,20 @@ class VAETask(TaskBase):
         x = to_model_range(self.train_pixels[idx])
         batch = {"x": x, "noise": torch.randn((len(idx), *self.latent_shape), generator=gen)}
         if self.anchor_means is not None:
-            anchor = idx >= self.n_free
+            given = idx >= self.n_free  # rows decoded from the initial latents (+ noise)
+            anchor = given & (idx < self.n_images)  # ... of which those with an image: the encoder holds them
             means = torch.zeros((len(idx), *self.anchor_means.shape[1:]))
-            means[anchor] = self.anchor_means[idx[anchor] - self.n_free]
+            means[given] = self.anchor_means[idx[given] - self.n_free]
             # the initial latents plus noise of a random std in [0, ANCHOR_NOISE] (model units), and what
             # the initial decoder makes of them
             spread = torch.rand(len(idx), generator=gen).view(-1, 1, 1, 1) * ANCHOR_NOISE / self.kept_scaling_factor
             z = means + spread * torch.randn(means.shape, generator=gen)
             target = x.clone()
-            if anchor.any():
+            if given.any():
                 with torch.no_grad():
                     dec = self.anchor_decoder
-                    target[anchor] = dec.decode(z[anchor].to(next(dec.parameters()).device)).sample.float().cpu()
-            batch.update(anchor=anchor, anchor_mean=means, z=z, target=target)
+                    target[given] = dec.decode(z[given].to(next(dec.parameters()).device)).sample.float().cpu()
+            batch.update(anchor=anchor, given=given, anchor_mean=means, z=z, target=target)
         return batch
 
     def evaluate(self, vae=None) -> dict:
@@ -453,19 +465,22 @@ class VAETask(TaskBase):
         was = vae.training
         vae.eval()
         try:
-            scale, stats = latent_scaling_factor(vae, self.train_pixels)
+            scale, stats = latent_scaling_factor(vae, self.train_pixels[:self.n_images])
             anchored = {}
             if self.anchor_means is not None:  # the teacher's units: keep the initial scaling factor
                 scale = self.kept_scaling_factor
-                new = posterior_means(vae, self.train_pixels[self.n_free:])
+                new = posterior_means(vae, self.train_pixels[self.n_free:self.n_images])
+                held = self.anchor_means[:len(new)]
                 rms = lambda t: float(t.square().mean().sqrt())  # noqa: E731
                 anchored = {"anchor_images": len(new), "anchor_weight": self.loss_fn.anchor_weight,
-                            "anchor_latent_drift_rel": round(rms(new - self.anchor_means) / rms(self.anchor_means), 5)}
+                            "anchor_decoded_latents": len(self.anchor_means) - len(new),
+                            "anchor_latent_drift_rel": round(rms(new - held) / rms(held), 5)}
             result = {
                 "psnr_db": round(reconstruction_psnr(vae, self.eval_pixels), 4),
                 "psnr_split": self.eval_split,
                 "psnr_images": len(self.eval_pixels),
-                "baseline_mean_image_psnr_db": round(mean_image_psnr(self.train_pixels, self.eval_pixels), 4),
+                "baseline_mean_image_psnr_db": round(mean_image_psnr(self.train_pixels[:self.n_images],
+                                                                     self.eval_pixels), 4),
                 "scaling_factor": scale,
                 "scaling_factor_from": "kept from the initial VAE (anchored latents)" if anchored else
                 f"1/std of posterior means of {stats['images']} train images",
@@ -498,7 +513,7 @@ class VAETask(TaskBase):
                   "standardized_latent_channels": folded and {**folded, "from": "posterior means of the train "
                                                               "images, folded into quant_conv/post_quant_conv"},
                   "image_size": [int(h), int(w)], "latent_shape": list(self.latent_shape),
-                  "train_images": len(self.train_pixels), "vae_hash": vae_hash(vae), **self.source}
+                  "train_images": self.n_images, "vae_hash": vae_hash(vae), **self.source}
         folder = Path(folder)
         with atomic_folder(folder) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
