@@ -32,6 +32,11 @@ def file_hashes(folder: Path) -> dict[str, str]:
             if p.is_file() and p.relative_to(folder).as_posix() not in CARD_FILES}
 
 
+def files_table(hashes: dict[str, str]) -> str:
+    """The card's "Files (SHA-256)" table."""
+    return "| file | sha256 |\n|---|---|\n" + "\n".join(f"| {f} | `{h}` |" for f, h in hashes.items()) + "\n"
+
+
 def runs_by_key(results: dict) -> dict[str, dict]:
     return {r["key"]: r for r in results["runs"]}
 
@@ -209,9 +214,7 @@ w = {reference['w']}; `pytest tests/test_default_model.py` regenerates it and co
 
 ## Files (SHA-256)
 
-| file | sha256 |
-|---|---|
-""" + "\n".join(f"| {f} | `{h}` |" for f, h in hashes.items()) + "\n"
+""" + files_table(hashes)
     (tmp / "README.md").write_text(readme)
     if dest.exists():
         shutil.rmtree(dest)

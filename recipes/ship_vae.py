@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_default import file_hashes, render_reference  # noqa: E402
+from ship_default import file_hashes, files_table, render_reference  # noqa: E402
 
 
 def vae_section(report: dict, bench: dict | None, recipe: str) -> str:
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     readme = (tmp / "README.md").read_text()
     readme = re.sub(r"## VAE\n.*?(?=## Reference image)", "", readme, flags=re.S)
     readme = readme.replace("## Reference image", vae_section(report, bench, args.recipe) + "\n## Reference image")
-    table = "| file | sha256 |\n|---|---|\n" + "\n".join(f"| {f} | `{h}` |" for f, h in hashes.items()) + "\n"
-    readme = readme[:readme.index("| file | sha256 |")] + table
+    readme = readme[:readme.index("| file | sha256 |")] + files_table(hashes)
     (tmp / "README.md").write_text(readme)
     shutil.rmtree(dest)
     tmp.rename(dest)

@@ -27,12 +27,7 @@ NEW = ["top bar", "bottom bar"]
 OLD = ["left blob", "right blob"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread on a shared 2-core machine
 
 
 def llcm_folder(path: Path, seed: int = 0) -> Path:

@@ -13,12 +13,7 @@ from llcm.data import openworld
 from test_vae_encode import CLASSES, make_dataset, micro_preset, shape_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread on a shared 2-core machine
 
 
 @pytest.fixture
