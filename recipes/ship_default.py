@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -35,6 +36,23 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def files_table(hashes: dict[str, str]) -> str:
     """The card's "Files (SHA-256)" table."""
     return "| file | sha256 |\n|---|---|\n" + "\n".join(f"| {f} | `{h}` |" for f, h in hashes.items()) + "\n"
+
+
+def amend_card(tmp: Path, dest: Path, card: dict, section: str, body: str, **entries) -> dict[str, str]:
+    """Finish amending a shipped model copied to `tmp`: card.json gets the new file hashes and `entries`, the
+    card README's "## {section}" (placed before "## Reference image") becomes `body`, its file table is redone,
+    and `tmp` replaces `dest`. Returns the file hashes."""
+    hashes = file_hashes(tmp)
+    card.update(files=hashes, bytes=sum((tmp / f).stat().st_size for f in hashes), **entries)
+    (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    readme = (tmp / "README.md").read_text()
+    readme = re.sub(rf"^## {re.escape(section)}\n.*?(?=^## )", "", readme, flags=re.S | re.M)
+    readme = readme.replace("## Reference image", body.rstrip("\n") + "\n\n## Reference image")
+    readme = readme[:readme.index("| file | sha256 |")] + files_table(hashes)
+    (tmp / "README.md").write_text(readme)
+    shutil.rmtree(dest)
+    tmp.rename(dest)
+    return hashes
 
 
 def runs_by_key(results: dict) -> dict[str, dict]:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ship_default import file_hashes, files_table, render_reference  # noqa: E402
+from ship_default import amend_card, render_reference  # noqa: E402
 
 
 def vae_section(report: dict, bench: dict | None, recipe: str) -> str:
@@ -66,18 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = render_reference(tmp)
     if reference["model_hash"] != card["model_hash"]:
         raise SystemExit("the UNet changed: use recipes/ship_default.py for a new model")
-    hashes = file_hashes(tmp)
     bench = json.loads(args.bench.read_text()) if args.bench else None
-    card.update(files=hashes, bytes=sum((tmp / f).stat().st_size for f in hashes), reference=reference,
-                vae={"report": report, "recipe": args.recipe, "bench": bench})
-    (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    readme = (tmp / "README.md").read_text()
-    readme = re.sub(r"## VAE\n.*?(?=## Reference image)", "", readme, flags=re.S)
-    readme = readme.replace("## Reference image", vae_section(report, bench, args.recipe) + "\n## Reference image")
-    readme = readme[:readme.index("| file | sha256 |")] + files_table(hashes)
-    (tmp / "README.md").write_text(readme)
-    shutil.rmtree(dest)
-    tmp.rename(dest)
+    amend_card(tmp, dest, card, "VAE", vae_section(report, bench, args.recipe), reference=reference,
+               vae={"report": report, "recipe": args.recipe, "bench": bench})
     print(f"shipped VAE {report.get('vae_hash')} into {dest} (model hash {card['model_hash']} unchanged)")
     return 0
 

@@ -22,7 +22,7 @@ from llcm.schedules import Schedule
 from llcm.vae import load_vae, vae_hash
 from train_worker import micro_components
 
-FAST = ["--steps", "2", "--batch", "4", "--quiet", "--checkpoint-every", "1"]
+FAST = ["--steps", "2", "--batch", "4", "--quiet", "--checkpoint-every", "1", "--replay", "0"]  # plain LCF
 NEW = ["top bar", "bottom bar"]
 OLD = ["left blob", "right blob"]
 
@@ -92,7 +92,7 @@ def test_adapter_is_small_keeps_the_base_and_equals_the_merged_model(base, laten
     meta = json.loads((model / "llcm.json").read_text())
     rec = meta["adapter"]
     assert rec["base"] == str(base.resolve()) and rec["base_hash"] == model_hash(base) and rec["rank"] == 4
-    assert meta["classes"] == NEW and meta["k"] == 100 and [meta["w_min"], meta["w_max"]] == [1.0, 3.0]
+    assert meta["classes"] == NEW and meta["k"] == 200 and [meta["w_min"], meta["w_max"]] == [1.0, 3.0]
     assert len(meta["latent_mean"]) == 4
     assert adapter_run["after_train"] == adapter_run["before"]
 
@@ -245,7 +245,7 @@ def test_replay_rows_carry_their_prompts_and_draws_are_deterministic(base, laten
         again = task.draw(idx, step_generator(0, step))
         assert all(torch.equal(batch[k], again[k]) for k in batch)
         is_replay = batch["z0"].mean((1, 2, 3)) < -3  # replay latents sit near -5, the new ones near +1
-        assert int(is_replay.sum()) == replay_rows(8, 0.25) == 2
+        assert int(is_replay.sum()) == replay_rows(8, 0.25) == 2 and torch.equal(batch["replay"], is_replay)
         for row, old in zip(batch["embeds"], is_replay):
             names = OLD if old else NEW
             assert any(torch.equal(row, emb[(OLD + NEW).index(p)]) for p in names)
@@ -278,3 +278,75 @@ def test_sampled_replay_is_cached_in_out_and_reused_on_resume(base, latents, tmp
     assert main([*argv, "--steps", "2", "--resume"]) == 0
     assert file_hashes(out / "replay") == stamp
     assert json.loads((out / "summary.json").read_text())["step"] == 2
+
+
+def test_finetuned_model_lists_the_new_and_the_base_grayscale_classes(tmp_path):
+    base = llcm_folder(tmp_path / "base", seed=1)
+    cfg = json.loads((base / "llcm.json").read_text())
+    (base / "llcm.json").write_text(json.dumps({**cfg, "grayscale": [OLD[1]]}))
+    lat = tmp_path / "lat"
+    LatentSet(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.arange(4) % 2, list(NEW),
+              {"vae_hash": vae_hash(load_vae(base)), "grayscale": [NEW[0]]}).save(lat)
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(base), "--latents", str(lat), "--out", str(out), *FAST,
+                 "--k-start", "1000"]) == 0
+    made = json.loads((out / "model" / "llcm.json").read_text())
+    assert made["grayscale"] == sorted([NEW[0], OLD[1]]) and made["k"] == 200  # the tiny preset's LCF k
+
+
+def test_k_curriculum_shrinks_from_k_start_to_k(base, latents):
+    from llcm.models import load_components
+    from llcm.tasks import FinetuneTask
+
+    def task(**kw):
+        return FinetuneTask(load_components(base), LatentSet.load(latents), k=100, w_min=1.0, w_max=3.0,
+                            ema_decay=0.0, **kw)
+
+    t = task(k_start=1000, k_ramp=0.5)
+    t.max_steps = 100
+    ks = []
+    for step in (0, 25, 50, 99):
+        t.step = step
+        ks.append(t.k_now())
+    assert ks == [1000, 316, 100, 100]  # geometric over the first half, then k
+    t.step = 0
+    b = t.draw(torch.arange(4), torch.Generator().manual_seed(0))
+    assert (b["t"] == 999).all() and (b["s"] == 0).all()  # one interval of 1000: the target is z0 itself
+    assert task().k_now() == 100
+    for bad in ({"k_start": 50}, {"k_start": 1001}, {"k_start": 500, "k_ramp": 0.0}):
+        with pytest.raises(UserError):
+            task(**bad)
+
+
+def test_replay_rows_are_held_to_the_frozen_base(base, latents):
+    """Before any update the student is the base: its replay rows cost exactly 0, the new rows do not; after
+    updates on the new data the base copy is still the base."""
+    from llcm.models import load_components
+    from llcm.tasks import FinetuneTask
+    from llcm.training import batch_indices, step_generator
+
+    data = LatentSet.load(latents)
+    replay = LatentSet(torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.arange(6) % 2,
+                       list(OLD), {})
+    task = FinetuneTask(load_components(base), data, k=100, w_min=1.0, w_max=3.0, ema_decay=0.0, replay=replay,
+                        replay_fraction=0.5)
+    batch = task.draw(batch_indices(len(data), 8, 0, 0), step_generator(0, 0))
+    loss = task.loss(task.trainable, batch)
+    assert loss.shape == (8,) and (loss[batch["replay"]] == 0).all() and (loss[~batch["replay"]] > 0).all()
+    before = {k: v.clone() for k, v in task.base.state_dict().items()}
+    opt = torch.optim.SGD([p for p in task.trainable.parameters() if p.requires_grad], lr=0.1)
+    loss.mean().backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in task.base.state_dict().items())
+    assert task.loss(task.trainable, batch)[batch["replay"]].gt(0).all()  # the student moved, the base did not
+
+
+def test_replay_of_the_base_classes_is_on_by_default(base, latents, tmp_path):
+    from llcm.replay import DEFAULT_FRACTION
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(base), "--latents", str(latents), "--out", str(out), "--steps", "2",
+                 "--batch", "4", "--quiet", "--replay-per-class", "2"]) == 0
+    made = json.loads((out / "model" / "llcm.json").read_text())
+    assert DEFAULT_FRACTION == 0.25 and made["source"]["replay"]["fraction"] == DEFAULT_FRACTION
+    assert made["classes"] == NEW + OLD and (out / "replay").is_dir()

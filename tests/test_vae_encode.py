@@ -172,6 +172,7 @@ def test_encode_latents_cache(trained, capsys):
     report = json.loads((run / "model" / "vae_report.json").read_text())
     assert lat.meta["vae_hash"] == report["vae_hash"] and lat.meta["flip"] is False
     assert lat.meta["image_size"] == [SIZE, SIZE] and lat.meta["split"] == "train"
+    assert lat.meta["grayscale"] == []  # these shapes are tinted (G = 0.9 R, B = 0.8 R): colour classes
 
     # the test split, never seen by the scaling factor, is still close to unit std
     assert main(["encode", "--data", str(data), "--model", str(run), "--out", str(tmp / "lt"), "--split", "test",

@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1, at most 64 in all)")
     p.add_argument("--w", type=float, default=None, help="guidance scale, LCM form (default: the model's)")
+    p.add_argument("--keep-colour", action="store_true",
+                   help="keep the RGB samples of a grayscale class (by default a prompt whose training images "
+                        "were grayscale, listed in llcm.json 'grayscale', gives its samples' luminance)")
     p.add_argument("--height", type=int, default=None, help="pixels; a multiple of the VAE factor")
     p.add_argument("--width", type=int, default=None, help="pixels; a multiple of the VAE factor")
     p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot use device {device!r}: {exc}") from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = pipe(all_prompts, steps=args.steps, seeds=seeds, w=args.w, height=args.height, width=args.width)
+        result = pipe(all_prompts, steps=args.steps, seeds=seeds, w=args.w, height=args.height, width=args.width,
+                      keep_colour=args.keep_colour)
     for wmsg in caught:
         print(f"warning: {wmsg.message}")
     paths = write_images(result, Path(args.out), pipe.name, args.overwrite)

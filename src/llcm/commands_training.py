@@ -255,11 +255,19 @@ no teacher. The same noise places each latent at t_n and t_(n+k); the student at
 match the EMA target at t_n.
 
 Defaults (preset tiny-cpu, the shipped model's size): lr 1e-3, EMA 0 (the target is the student
-itself), k 100, 600 steps x 32, pseudo-Huber loss. Why: without a teacher the new images enter only
-where t_n = 0 and climb the k-grid one interval per update; with the paper's k 20 / EMA 0.95 / lr 5e-5
-the default model learnt nothing of unseen ultrasound in 200-300 steps (FID and precision as zero-shot),
-while k 100 / EMA 0 / lr 1e-3 was the best of the settings measured (bench/lcf_settings.py,
-docs/adapt.md). --preset sd15 keeps the paper's settings (lr 8e-6, EMA 0.95, k 20, batch 1024).
+itself), k 200 (so the result samples in at most 5 steps; --k 100 allows 10), 2000 steps x 32 (about
+12 min on 2 CPU cores), pseudo-Huber loss. Why: without a teacher the new images enter only where
+t_n = 0 and climb the k-grid one interval per update; with the paper's k 20 / EMA 0.95 / lr 5e-5 the
+default model learnt nothing of unseen ultrasound in 200-300 steps, while EMA 0 / lr 1e-3 and the
+coarser grid were the best of 30 settings measured on it (bench/lcf_sweep.py, docs/adapt.md); with
+them, unseen ultrasound's 4-step FID goes 321 zero-shot -> 213 (recipes/adapt.sh, --replay 0; the
+tiny UNet is still learning at 2000 steps: 267 at 500, 227 at 1000). --preset sd15 keeps the paper's
+settings (lr 8e-6, EMA 0.95, k 20, batch 1024). --k-start K0 adds a curriculum (K0 shrinking to k over
+--k-ramp of the run); it did not help here, so it is off by default.
+
+A prompt whose training images are grayscale (measured by `llcm encode`) is recorded in the model's
+llcm.json "grayscale" list, with the base's, and is drawn as luminance (llcm generate --keep-colour
+keeps the RGB samples).
 
 --model is a model folder, 'default' (the model shipped with llcm) or the OUT/model of an earlier
 finetune, full or adapter. Its files are only read.
@@ -272,17 +280,21 @@ as --model (it is merged into a copy of its base in memory); generate and serve 
 with --lora-rank its new adapter names the first one as its base (adapters chain); without, it writes
 a full model. --merge writes the merged full model instead of the adapter.
 
---replay F keeps the base's classes: a share F of every batch is replay latents with their prompts,
-from --replay-latents (the base's training latent cache, encoded with the same VAE) or, without it,
-sampled by the base itself at the start of the run (4 steps, --replay-per-class per class of its
-llcm.json, seeded from --seed) and cached in OUT/replay, so --resume reuses them.
+--replay F (default 0.25) keeps the base's classes: a share F of every batch is replay latents with
+their prompts, from --replay-latents (the base's training latent cache, encoded with the same VAE) or,
+without it, sampled by the base itself at the start of the run (4 steps, --replay-per-class per class
+of its llcm.json, seeded from --seed) and cached in OUT/replay, so --resume reuses them. On those rows
+the model's output is held to the frozen base's at the same noisy point (output distillation), so the
+old classes stay where they were at every t. Measured after 2000 steps on ultrasound: the 10 original
+classes' 4-step FID 222.3 -> 235.0 and classifier 65.0% -> 57.5% with 0.25, against 294.3 and 10.5%
+with --replay 0; the new class's FID 240.2 instead of 212.8. --replay 0 learns the new data alone.
 
 examples:
   llcm encode --data data/dog-xray --model default --out lat/dog
   llcm finetune --model default --latents lat/dog --out runs/llcm-dog
   llcm finetune --model default --latents lat/dog --lora-rank 8 --out runs/lcf-dog      (a small adapter)
   llcm generate "dog thorax X-ray" --adapter runs/lcf-dog/model
-  llcm finetune --model default --latents lat/dog --replay 0.25 --out runs/llcm-dog-replay
+  llcm finetune --model default --latents lat/dog --replay 0 --out runs/llcm-dog-only   (the new data alone)
   llcm finetune --model runs/llcm/model --latents lat/dog --replay 0.25 --replay-latents lat/train --out runs/r
 """
 
@@ -307,6 +319,12 @@ def register_finetune(sub) -> None:
     p.add_argument("--replay-per-class", type=int, default=PER_CLASS, metavar="N",
                    help=f"replay latents sampled per base class when --replay-latents is not given "
                         f"(default {PER_CLASS})")
+    p.add_argument("--k-start", type=int, default=None, metavar="K0",
+                   help="curriculum: start the skipping interval at K0 (up to the schedule length; wide "
+                        "intervals are nearly plain denoising) and shrink it geometrically to --k over the "
+                        "first --k-ramp of the run (default: no curriculum)")
+    p.add_argument("--k-ramp", type=float, default=0.5, metavar="F",
+                   help="share of the steps over which --k-start decays to --k (default 0.5)")
     _consistency_options(p, d)
     p.set_defaults(func=run_finetune)
 
@@ -345,7 +363,9 @@ def run_finetune(args) -> int:
         cache = cache if fresh else None
     base = None if args.merge else base_spec(args.model)
     return _run(lambda: FinetuneTask(model, data, **_cons_kwargs(args, d), adapter_base=base, replay=replay,
-                                     replay_fraction=args.replay, replay_cache=cache), args, d, "finetune")
+                                     replay_fraction=args.replay, replay_cache=cache, k_start=args.k_start,
+                                     k_ramp=args.k_ramp, base_grayscale=cfg.get("grayscale", [])),
+                args, d, "finetune")
 
 
 def register(sub) -> None:

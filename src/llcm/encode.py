@@ -18,9 +18,11 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llcm.errors import UserError
+from llcm.images import channel_spread, grayscale_classes
 from llcm.latents import LatentSet
 from llcm.training import writable_folder
 from llcm.vae import (ImageSplit, find_vae_folder, load_pixels, load_vae, scan_split, to_model_range, vae_factor,
@@ -62,7 +64,8 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
         except json.JSONDecodeError:
             meta = {}
         diff = _stale(meta, want)
-        if not diff and (out / "latents.safetensors").is_file():
+        # a cache from before llcm recorded grayscale classes is encoded again (the same latents, plus that)
+        if not diff and "grayscale" in meta and (out / "latents.safetensors").is_file():
             return LatentSet.load(out, expect_vae_hash=want["vae_hash"]), {"skipped": True, **want}
         if diff and not overwrite:
             raise UserError(f"{out} holds latents made differently ({'; '.join(diff)}); "
@@ -73,11 +76,13 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(dev)
     dtype = next(vae.parameters()).dtype
-    chunks = []
+    chunks, spreads = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc=f"encode {split}", disable=not progress,
                       dynamic_ncols=True):
-            x = to_model_range(load_pixels(images, range(i, min(i + batch_size, len(images))))).to(dev, dtype)
+            pixels = load_pixels(images, range(i, min(i + batch_size, len(images))))
+            spreads.append(channel_spread(pixels.numpy()))
+            x = to_model_range(pixels).to(dev, dtype)
             z = vae.encode(x).latent_dist.mean
             z_flip = vae.encode(torch.flip(x, dims=[-1])).latent_dist.mean if flip else None
             chunks.append((z.float().cpu(), None if z_flip is None else z_flip.float().cpu()))
@@ -99,6 +104,7 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
     meta = {**want, "source": str(images.root), "vae_source": str(vae_dir.resolve()),
             "classes": [first_class[p] for p in prompts], "image_size": [images.height, images.width],
             "vae_factor": vae_factor(vae), "encoding": "posterior mean x scaling_factor",
+            "grayscale": grayscale_classes(np.concatenate(spreads), list(images.texts)),
             "layout": "N originals, then their N flipped copies in the same order" if flip else "N originals",
             "images": len(images), "llcm_version": __version__}
     result = LatentSet(latents, index, prompts, meta)

@@ -104,14 +104,25 @@ class ConsistencyDistillationLoss:
 class ConsistencyFinetuneLoss:
     """Latent consistency fine-tuning, LLCM Alg. 1 (no teacher, no solver): the SAME noise eps gives
     z_{t_{n+k}} = alpha z + sigma eps and z_{t_n} = alpha' z + sigma' eps; loss d(f_theta(z_{t_{n+k}}), f_{theta^-}(z_{t_n})).
+
+    With `base` (the frozen model before fine-tuning) the rows marked batch["replay"] match the base's own
+    output at the same point instead, d(f_theta(z_t), f_base(z_t)): the old classes are held where the base
+    had them at every t directly (output distillation, as in Learning without Forgetting), rather than
+    re-learnt through the consistency chain from t = 0 up, which is as slow for them as for the new data.
     """
 
-    def __init__(self, target: ConsistencyModel, schedule: Schedule, metric: str = "huber", huber_c: float = 0.001):
+    def __init__(self, target: ConsistencyModel, schedule: Schedule, metric: str = "huber", huber_c: float = 0.001,
+                 base: ConsistencyModel | None = None):
         self.target, self.schedule, self.metric, self.huber_c = target, schedule, metric, huber_c
+        self.base = base
 
     def __call__(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         z0, noise, t, s, w = batch["z0"], batch["noise"], batch["t"], batch["s"], batch["w"]
-        pred = net(self.schedule.add_noise(z0, noise, t), t, batch["embeds"], w)
+        z_t = self.schedule.add_noise(z0, noise, t)
+        pred = net(z_t, t, batch["embeds"], w)
         with torch.no_grad():
             target = self.target(self.schedule.add_noise(z0, noise, s), s, batch["embeds"], w)
+            rows = batch.get("replay")
+            if self.base is not None and rows is not None and bool(rows.any()):
+                target[rows] = self.base(z_t[rows], t[rows], batch["embeds"][rows], w[rows]).to(target.dtype)
         return distance(pred, target, self.metric, self.huber_c)

@@ -25,6 +25,7 @@ from llcm import __version__
 from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
 from llcm.fileio import atomic_folder
+from llcm.images import luminance_rgb
 from llcm.models import Components, encode_prompts, load_components, model_hash
 from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
 from llcm.schedules import Schedule
@@ -48,6 +49,8 @@ class LLCMConfig:
     # per-channel mean of the (scaled) training latents: samples start from N(sqrt(alpha_bar_T) mu, I)
     # (llcm.sampling.initial_latents); None for older folders and diffusers ones (plain N(0, I))
     latent_mean: list[float] | None = None
+    # prompts whose training images were grayscale: their samples are returned as luminance (llcm.images)
+    grayscale: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)  # provenance: recipe, data, hashes
 
     @classmethod
@@ -149,7 +152,9 @@ class LLCMPipeline:
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str], steps: int = 4, seeds: Sequence[int] | int | None = None,
                  w: float | None = None, height: int | None = None, width: int | None = None,
-                 timesteps: Sequence[int] | None = None) -> Generation:
+                 timesteps: Sequence[int] | None = None, keep_colour: bool = False) -> Generation:
+        """Images for prompts and seeds. A prompt of a grayscale class (config.grayscale) gives its samples'
+        luminance unless keep_colour."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if seeds is None:
             seeds = 0
@@ -161,6 +166,9 @@ class LLCMPipeline:
         w = self.config.w_default if w is None else float(w)
         ts, z0 = self.sample_latents(prompts, steps, seeds, w, height, width, timesteps)
         images = decode_latents(self.components, z0)
+        gray = [i for i, p in enumerate(prompts) if p in self.config.grayscale]
+        if gray and not keep_colour:
+            images[gray] = luminance_rgb(images[gray])
         return Generation(images, prompts, seeds, steps, w, ts, self.model_hash)
 
     @torch.no_grad()

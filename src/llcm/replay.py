@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from llcm.latents import LatentSet
 
 # torch is imported inside the functions: the CLI reads the constants below to build --help quickly
-DEFAULT_FRACTION = 0.0  # the default of `llcm finetune --replay`: change it here, and only here
+DEFAULT_FRACTION = 0.25  # the default of `llcm finetune --replay`: change it here, and only here
 PER_CLASS = 32  # sampled replay latents per base class (--replay-per-class)
 STEPS = 4  # consistency steps of the sampled replay
 CACHE = "replay"  # sampled replay latents are cached in OUT/replay

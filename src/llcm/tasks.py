@@ -142,7 +142,8 @@ class _ConsistencyTask(_PromptData):
     """Shared by distillation and LCF: student f_theta with w input, EMA target f_theta^-."""
 
     def __init__(self, components: Components, data: LatentSet, schedule: Schedule | None, k: int,
-                 w_min: float, w_max: float, ema_decay: float, lora_rank: int, student_unet: nn.Module):
+                 w_min: float, w_max: float, ema_decay: float, lora_rank: int, student_unet: nn.Module,
+                 k_start: int | None = None, k_ramp: float = 0.5):
         super().__init__(components, data)
         self.schedule = schedule or Schedule.scaled_linear()
         n = self.schedule.num_train_timesteps
@@ -154,7 +155,13 @@ class _ConsistencyTask(_PromptData):
             raise UserError(f"w_min must be >= 0 (LCM form), got {w_min}")
         if not 0 <= ema_decay < 1:
             raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if k_start is not None and not k <= k_start <= n:
+            raise UserError(f"k_start={k_start} must be between k ({k}) and the schedule length {n}")
+        if not 0 < k_ramp <= 1:
+            raise UserError(f"k_ramp must be in (0, 1], got {k_ramp}")
         self.k, self.w_min, self.w_max, self.ema_decay = k, w_min, w_max, ema_decay
+        self.k_start, self.k_ramp = k_start, k_ramp
+        self.grayscale_inherited: list[str] = []  # a fine-tuned model keeps its base's grayscale classes
         self.grid = self.schedule.skipping_grid(k)
         if lora_rank:
             add_lora(student_unet, lora_rank)
@@ -168,12 +175,23 @@ class _ConsistencyTask(_PromptData):
         self.target.eval()
         self.sample_prompts = list(dict.fromkeys(data.prompts))[:8]
 
+    def k_now(self) -> int:
+        """The skipping interval at this step: k, or with k_start a geometric decay from k_start to k over
+        the first k_ramp of the run (easy consistency tuning's curriculum: wide intervals, i.e. nearly
+        denoising, first; the consistency intervals last)."""
+        if not self.k_start or self.k_start == self.k:
+            return self.k
+        frac = min(1.0, self.step / max(1.0, self.k_ramp * self.max_steps))
+        return int(round(self.k_start * (self.k / self.k_start) ** frac))
+
     def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         b = len(idx)
         z0 = self.data.latents[idx]
-        n = torch.randint(0, len(self.grid), (b,), generator=gen)
-        t = self.grid[n]
-        return {"z0": z0, "noise": torch.randn(z0.shape, generator=gen), "t": t, "s": (t - self.k).clamp(min=0),
+        k = self.k_now()
+        grid = self.grid if k == self.k else self.schedule.skipping_grid(k)
+        n = torch.randint(0, len(grid), (b,), generator=gen)
+        t = grid[n]
+        return {"z0": z0, "noise": torch.randn(z0.shape, generator=gen), "t": t, "s": (t - k).clamp(min=0),
                 "w": self.w_min + (self.w_max - self.w_min) * torch.rand(b, generator=gen),
                 "embeds": self.embeds[self.data.prompt_index[idx]],
                 "null_embeds": self.null.expand(b, -1, -1)}
@@ -198,7 +216,8 @@ class _ConsistencyTask(_PromptData):
                           solver=getattr(self, "solver_name", "none (LCF)"),
                           classes=list(dict.fromkeys(self.data.prompts)),
                           source={"task": self.name, "data": self.data.meta.get("source", "")},
-                          latent_mean=channel_mean(self.data.latents))
+                          latent_mean=channel_mean(self.data.latents),
+                          grayscale=sorted(set(self.data.meta.get("grayscale", [])) | set(self.grayscale_inherited)))
 
     def save_model(self, folder: Path) -> Path:
         from llcm.pipeline import save_model_folder
@@ -278,7 +297,8 @@ class FinetuneTask(_ConsistencyTask):
     def __init__(self, model: Components, data: LatentSet, k: int = 20, w_min: float = 5.0, w_max: float = 15.0,
                  ema_decay: float = 0.95, metric: str = "huber", huber_c: float = 0.001, lora_rank: int = 0,
                  schedule: Schedule | None = None, adapter_base: str | None = None,
-                 replay: LatentSet | None = None, replay_fraction: float = 0.0, replay_cache: Path | None = None):
+                 replay: LatentSet | None = None, replay_fraction: float = 0.0, replay_cache: Path | None = None,
+                 k_start: int | None = None, k_ramp: float = 0.5, base_grayscale: list[str] | None = None):
         from llcm.models import model_hash
         from llcm.replay import check_fraction
 
@@ -295,8 +315,12 @@ class FinetuneTask(_ConsistencyTask):
         self.replay_fraction, self.replay_cache = replay_fraction, replay_cache
         model.vae.requires_grad_(False)
         model.text_encoder.requires_grad_(False)
-        super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet)
-        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c)
+        frozen = copy.deepcopy(model.unet).requires_grad_(False).eval() if self.replay is not None else None
+        super().__init__(model, data, schedule, k, w_min, w_max, ema_decay, lora_rank, model.unet, k_start, k_ramp)
+        # replay rows are held to the frozen base's output (ConsistencyFinetuneLoss)
+        self.base = None if frozen is None else ConsistencyModel(frozen, self.schedule, model.prediction_type)
+        self.loss_fn = ConsistencyFinetuneLoss(self.target, self.schedule, metric, huber_c, base=self.base)
+        self.grayscale_inherited = list(base_grayscale or [])
         if self.replay is not None:
             self.replay_embeds = prompt_table(model, list(self.replay.prompts))
             new = list(dict.fromkeys(data.prompts))
@@ -315,6 +339,8 @@ class FinetuneTask(_ConsistencyTask):
         batch = super().draw(idx, gen)
         batch["z0"][pos] = self.replay.latents[pick]
         batch["embeds"][pos] = self.replay_embeds[self.replay.prompt_index[pick]]
+        batch["replay"] = torch.zeros(len(idx), dtype=torch.bool)
+        batch["replay"][pos] = True
         return batch
 
     def begin(self, out: Path) -> None:

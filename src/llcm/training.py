@@ -106,6 +106,8 @@ class TaskBase:
 
     loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor]
     trained_steps: int = 0  # set by train() before save_model (a time limit can end a run early)
+    step: int = 0  # set by train() before each draw, for tasks whose batches follow a curriculum
+    max_steps: int = 1
 
     def loss(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return self.loss_fn(net, batch)
@@ -310,6 +312,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
         while step < config.max_steps:
             gen = step_generator(config.seed, step)
             idx = batch_indices(n, config.batch_size, step, config.seed)
+            task.step, task.max_steps = step, config.max_steps
             batch = task.draw(idx, gen)
             local = slice_batch(batch, rank * local_batch * config.grad_accum,
                                 (rank + 1) * local_batch * config.grad_accum)
