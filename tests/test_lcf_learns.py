@@ -56,7 +56,7 @@ def finetuned_distance(tmp_path, lr: float, ema: float, k: int) -> tuple[float, 
 def test_lcf_defaults_learn_new_data(tmp_path, one_torch_thread):
     d = preset_defaults("tiny-cpu", "finetune")
     before, after = finetuned_distance(tmp_path, d["lr"], d["ema_decay"], d["k"])
-    # the new prompt's samples end up near the new latents (measured 241 -> 39)
+    # the new prompt's samples end up near the new latents (measured 243 -> 35 at the defaults, k 200)
     assert after < 0.5 * before, (before, after)
     # the paper's SD-scale settings (lr 5e-5 here, EMA 0.95, k 20) move them far less in the same 150 steps
     _, paper = finetuned_distance(tmp_path, 5e-5, 0.95, 20)
