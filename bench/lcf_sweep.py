@@ -135,6 +135,13 @@ def score(args) -> None:
             done[tag] = {"options": info["options"], "steps": int(key[1:]), "train_s": round(info["train_s"], 1),
                          "loss": info.get("loss_last"), **{k: m[k] for k in ("fid", "kid_mean", "precision", "recall")}}
             table.write_text(json.dumps(done, indent=1))
+    if args.floor and "real-train/s0" not in done:  # real images the model trained on, as many as generated ones
+        train = extract_features(ex, str(Path(args.data) / "train"), progress=False)
+        pick = np.random.default_rng(0).choice(len(train), min(args.floor, len(train)), replace=False)
+        m = metrics_or_none(real, train[pick], "inception")
+        done["real-train/s0"] = {"options": f"{len(pick)} train images", "steps": 0, "train_s": 0.0, "loss": None,
+                                 **{k: m[k] for k in ("fid", "kid_mean", "precision", "recall")}}
+        table.write_text(json.dumps(done, indent=1))
     print(f"{'setting':28s} {'steps':>5s} {'FID':>7s} {'KID':>6s} {'prec':>5s}  options")
     for tag, r in sorted(done.items(), key=lambda kv: (kv[1]["steps"], kv[1]["fid"])):
         print(f"{tag.split('/')[0]:28s} {r['steps']:5d} {r['fid']:7.1f} {r['kid_mean']:6.3f} {r['precision']:5.2f}  "
@@ -167,6 +174,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--grayscale", action="store_true", help="score the generated images' luminance")
+    p.add_argument("--floor", type=int, default=0, metavar="N",
+                   help="also score N random train images against the test split: the FID a perfect copy of the "
+                        "training data would get at this sample size (row real-train, steps 0)")
     args = ap.parse_args()
     {"run": run, "one": one, "score": score}[args.cmd](args)
 
