@@ -65,7 +65,7 @@ def leave_one_out(names: list[str], args) -> dict[str, dict]:
     out = {}
     for name in names:
         rest = [m for m in MODALITIES if m not in HELD_OUT and m != name]
-        imgs, _ = corpus(rest, args.train_per_modality, 64, args.seed, "train")
+        imgs, _ = corpus(rest, args.train_per_modality, 64, args.seed, "train", colour_jitter=args.colour_jitter)
         px = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
         vae = _vae(args.init)
         task = VAETask(vae, px, anchor_pixels=anchor, anchor_weight=args.anchor_weight)
@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--anchor-weight", type=float, default=10.0)
     ap.add_argument("--train-per-modality", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--colour-jitter", action="store_true",
+                    help="random hue rotations and saturation in the leave-one-out training crops")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--work", default="/tmp/vae-loo", help="folder for the leave-one-out runs")

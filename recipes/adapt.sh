@@ -2,8 +2,8 @@
 # Adapt the default model to modalities it never saw (LCF, no teacher) and measure it:
 #   bash recipes/adapt.sh [RUN_DIR]
 # For each modality in MODS (held out of the default model and of its VAE): a 256/80 dataset from
-# `llcm data openworld`, its latents, LCF with llcm finetune's defaults at the budgets in BUDGETS (one run,
-# resumed: a curve over steps; --replay 0, learning alone), one modality after the other at two threads
+# `llcm data openworld`, its latents, LCF with llcm finetune's defaults at each budget in BUDGETS (one run
+# per budget: a curve over steps; --replay 0, learning alone), one modality after the other at two threads
 # (the last budget is the default, about 12 min here). Then, at one thread each, two side by side: `llcm evaluate` of the zero-shot
 # model and every budget at 1, 2 and 4 steps; for the first modality the defaults (replay 0.25 of the
 # base's classes) and an adapter (--lora-rank 8, --replay 0) at the last budget; and forgetting: the 10 original classes before and after (FID,
@@ -18,16 +18,15 @@ mkdir -p "$R"
 [ -d "$R/mini" ] || llcm data mini --out "$R/mini" --quiet
 last=${BUDGETS##* }
 
-lcf() {  # one modality: data, latents, the LCF curve (two threads: the machine is its own)
-  local m=$1 d="$R/$1" resume=()
+lcf() {  # one modality: data, latents, one LCF run per budget (two threads: the machine is its own)
+  local m=$1 d="$R/$1"
   mkdir -p "$d"
   [ -d "$d/data" ] || llcm data openworld --out "$d/data" --modality "$m" --train-per-modality 256 \
     --test-per-modality 80 --no-augment --quiet
   llcm encode --data "$d/data" --model default --out "$d/lat" --quiet
-  for b in $BUDGETS; do
-    [ -d "$d/lcf-$b" ] || { OMP_NUM_THREADS=2 llcm finetune --model default --latents "$d/lat" --out "$d/lcf" \
-      --steps "$b" --checkpoint-every "$b" --replay 0 --quiet "${resume[@]}" $LCF_OPTS; cp -r "$d/lcf/model" "$d/lcf-$b"; }
-    resume=(--resume)
+  for b in $BUDGETS; do  # separate runs: the learning rate's cosine ends at each run's --steps
+    [ -d "$d/lcf-$b" ] || { OMP_NUM_THREADS=2 llcm finetune --model default --latents "$d/lat" --out "$d/lcf-run-$b" \
+      --steps "$b" --replay 0 --quiet $LCF_OPTS; cp -r "$d/lcf-run-$b/model" "$d/lcf-$b"; }
   done
 }
 

@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     "unless --no-memorization).")
     mu = llcm_cfg.get("latent_mean")
     start_line = ("" if not mu else
-                  f"- Sampling starts from eps + sqrt(alpha_bar_999) * mu, mu = `latent_mean` in llcm.json = "
+                  f"- Sampling starts from eps - mean_hw(eps) + sqrt(alpha_bar_999) * mu (the draw's own per-channel "
+                  "spatial mean removed: `python bench/failure_seeds.py`), mu = `latent_mean` in llcm.json = "
                   f"({', '.join(f'{v:.3f}' for v in mu)}), the channel mean of the train latents (README: \"Where "
                   "sampling starts\"); diffusers' own pipeline needs `latents=` for the same images.\n")
     readme = f"""# llcm default model

@@ -80,13 +80,19 @@ def test_timestep_rules_reject_bad_counts():
     assert teacher_timesteps(50)[:2] == [999, 979] and teacher_timesteps(50)[-1] == 19
 
 
-def test_initial_latents_add_the_scaled_channel_mean():
-    sched, shape, mu = Schedule.scaled_linear(), (3, 4, 4), [2.0, -1.0, 0.5]
-    plain = draw_noise(make_generators([5, 6]), shape)
-    assert torch.equal(initial_latents(make_generators([5, 6]), shape, sched, 999), plain)
-    shifted = initial_latents(make_generators([5, 6]), shape, sched, 999, mu)
-    a = float(sched.alphas_cumprod[999]) ** 0.5  # ~0.07 for SD's schedule
-    assert torch.allclose(shifted - plain, a * torch.tensor(mu).view(1, 3, 1, 1).expand_as(plain), atol=1e-6)
+def test_initial_noise_channel_means_equal_the_trained_offset():
+    """Every start's per-channel spatial mean is exactly sqrt(alpha_bar_T) mu: the draw's own channel means
+    (std 1/sqrt(h w)) are removed, since they chose the colour of the default model's failure seeds."""
+    sched, shape, mu, seeds = Schedule.scaled_linear(), (3, 4, 4), [2.0, -1.0, 0.5], list(range(16))
+    plain = draw_noise(make_generators(seeds), shape)
+    assert torch.equal(initial_latents(make_generators(seeds), shape, sched, 999), plain)  # no mu: diffusers' draw
+    start = initial_latents(make_generators(seeds), shape, sched, 999, mu)
+    offset = float(sched.alphas_cumprod[999]) ** 0.5 * torch.tensor([mu])  # ~0.07 mu for SD's schedule
+    assert torch.allclose(start.mean((2, 3)), offset.expand(len(seeds), 3), atol=1e-6)
+    # the rest of the one draw per generator is kept, so a seed's start does not depend on its batch
+    assert torch.allclose(start - start.mean((2, 3), keepdim=True), plain - plain.mean((2, 3), keepdim=True),
+                          atol=1e-6)
+    assert torch.equal(initial_latents(make_generators([seeds[5]]), shape, sched, 999, mu)[0], start[5])
     with pytest.raises(ValueError):
         initial_latents(make_generators([5]), shape, sched, 999, [1.0, 2.0])
 

@@ -185,7 +185,8 @@ def hostile(tmp_path_factory):
     return {"root": root, "srcs": srcs, "before": before, "out": out, "stats": stats}
 
 
-EXPECTED_CLASSES = {  # class -> (train, test) with cap 3, derm held out
+# class -> (train, test) with cap 3, derm held out and the paper's rule (--test-fraction 0) ...
+EXPECTED_CAP_RULE = {
     "hospital-a/chest-xray/normal": (3, 2),
     "hospital-a/chest-xray/pneumonia": (3, 2),
     "hospital-a/bone/fracture": (3, 0),
@@ -196,6 +197,12 @@ EXPECTED_CLASSES = {  # class -> (train, test) with cap 3, derm held out
     "hospital-b/chest-xray/pneumonia": (2, 0),
     "knee-archive/knee/osteoarthritis": (3, 0),
 }
+# ... and with the default --test-fraction 0.1: every class of two or more has a test image
+EXPECTED_CLASSES = dict(EXPECTED_CAP_RULE, **{
+    "hospital-a/bone/fracture": (2, 1),
+    "hospital-b/chest-xray/pneumonia": (1, 1),
+    "knee-archive/knee/osteoarthritis": (2, 1),
+})
 EXPECTED_REJECTIONS = {
     "blank": 1,
     "dicom_burned_in_annotation": 1,
@@ -219,7 +226,7 @@ def test_exact_counts_per_class_and_reason(hostile):
     assert got == EXPECTED_CLASSES
     assert stats["rejections"] == EXPECTED_REJECTIONS
     assert stats["duplicates"] == {"exact": 2, "near": 2, "cross_source": 2, "class_conflicts": 2}
-    assert stats["totals"]["train"] == 20 and stats["totals"]["test"] == 12
+    assert stats["totals"]["train"] == 17 and stats["totals"]["test"] == 15
     src_a = stats["sources"][0]
     assert src_a["ignored_files"] == {".txt": 1} and src_a["label_files"] == 1 and src_a["label_rows_without_file"] == 1
     assert stats["held_out_classes"] == ["hospital-a/derm/mel", "hospital-a/derm/nv"]
@@ -349,9 +356,152 @@ def test_cli_build_and_errors(hostile, tmp_path, capsys, monkeypatch):
                "hospital-a/derm/*", "--workers", "1", "--quiet", "--licence", "hospital-b=CC BY 4.0"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "9 classes, 20 train, 12 test" in printed
+    assert "9 classes, 17 train, 15 test" in printed
     stats = json.loads((out / "stats.json").read_text())
     assert [s["licence"] for s in stats["sources"]] == ["unknown", "CC BY 4.0", "unknown"]
     rc = main(["data", "build", str(tmp_path / "missing"), "--out", str(tmp_path / "y"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "source not found" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# The test split of small classes, its determinism, and prompts without the source root's name
+
+
+def make_classes(root: Path, sizes: dict[str, int], first_seed: int = 100, reverse: bool = False) -> Path:
+    """`root/<class path>/<i>.png`, distinct pictures; `reverse` writes them in the opposite order
+    and swaps the file names around (same pixels per class, other names and creation order)."""
+    seed = first_seed
+    todo = []
+    for cls, n in sizes.items():
+        names = [f"img{i}.png" for i in range(n)]
+        if reverse:
+            names = names[::-1]
+        todo += [(root / cls / name, seed + i) for i, name in enumerate(names)]
+        seed += n
+    for path, s in (todo[::-1] if reverse else todo):
+        save(path, pattern(s))
+    return root
+
+
+def rows_by_split(out: Path) -> dict[str, list[dict]]:
+    return {sp: [{k: v for k, v in r.items() if k != "path"} for r in read_split(out, sp)] for sp in ("train", "test")}
+
+
+@pytest.mark.parametrize("n,cap,fraction,expected", [
+    (1, 2000, 0.1, 0), (2, 2000, 0.1, 1), (9, 2000, 0.1, 1), (25, 2000, 0.1, 3), (10, 2000, 0.5, 5),
+    (2, 2000, 0.9, 1),  # never the last train image
+    (30, 10, 0.1, 20), (30, 27, 0.1, 3),  # the cap's excess, or the fraction, whichever is larger
+    (30, 10, 0.0, 20), (5, 10, 0.0, 0), (5, 0, 0.0, 0), (5, 0, 0.2, 1),
+])
+def test_n_test_images(n, cap, fraction, expected):
+    from llcm.data.build import n_test_images
+
+    assert n_test_images(n, cap, fraction) == expected
+
+
+def test_small_classes_get_a_test_split(hostile, tmp_path):
+    stats = hostile["stats"]
+    assert stats["options"]["test_fraction"] == 0.1
+    for cid, c in stats["classes"].items():
+        if c["train"] + c["test"] >= 2:
+            assert c["test"] >= 1, cid
+    test_rows = read_split(hostile["out"], "test")
+    assert {r["class"] for r in test_rows} == set(EXPECTED_CLASSES)  # llcm evaluate has every class
+    card = (hostile["out"] / "card.md").read_text()
+    assert "at least 10% of each class in test" in card
+    assert "| hospital-b/chest-xray/pneumonia | X-ray | chest | pneumonia | 1 | 1 |" in card
+    # a user's own small dataset: 2, 7 and 12 images per class, far below the cap of 2000
+    src = make_classes(tmp_path / "echo", {"a4c_ultrasound": 2, "plax_ultrasound": 7, "psax_ultrasound": 12})
+    stats = build_dataset([str(src)], tmp_path / "out", size=64, workers=1, progress=False)
+    got = {cid: (c["train"], c["test"]) for cid, c in stats["classes"].items()}
+    assert got == {"echo/a4c-ultrasound": (1, 1), "echo/plax-ultrasound": (6, 1), "echo/psax-ultrasound": (11, 1)}
+    assert len(read_split(tmp_path / "out", "test")) == 3
+
+
+def test_test_fraction_zero_keeps_the_cap_rule(hostile, tmp_path, monkeypatch):
+    import llcm.cli
+    from llcm.cli import main
+    from llcm.data.build import _class_seed
+
+    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.data.cli"])  # only this stage's commands
+    out = tmp_path / "paper"
+    stats = build_dataset(hostile["srcs"], out, **dict(OPTIONS, test_fraction=0))
+    assert {c: (v["train"], v["test"]) for c, v in stats["classes"].items()} == EXPECTED_CAP_RULE
+    assert stats["totals"]["train"] == 20 and stats["totals"]["test"] == 12
+    # exactly the old split: the seeded permutation of the class's content hashes, first `cap` to train
+    rows = rows_by_split(out)
+    for cid in EXPECTED_CAP_RULE:
+        if cid.startswith("hospital-a/derm/"):
+            continue
+        train = {r["content_hash"] for r in rows["train"] if r["class"] == cid}
+        test = {r["content_hash"] for r in rows["test"] if r["class"] == cid}
+        hashes = sorted(train | test)
+        order = [hashes[i] for i in _class_seed(OPTIONS["seed"], cid).permutation(len(hashes))]
+        assert (train, test) == (set(order[:3]), set(order[3:])), cid
+    assert "no test fraction (the paper's rule)" in (out / "card.md").read_text()
+    cli_out = tmp_path / "cli"
+    assert main(["data", "build", *hostile["srcs"], "--out", str(cli_out), "--size", "64", "--cap", "3", "--holdout",
+                 "hospital-a/derm/*", "--workers", "1", "--quiet", "--test-fraction", "0"]) == 0
+    assert rows_by_split(cli_out) == rows
+
+
+def test_test_metadata_is_written_even_when_empty(tmp_path):
+    src = make_classes(tmp_path / "src", {"chest_xray/pneumonia": 3, "chest_xray/normal": 1})
+    out = tmp_path / "out"
+    stats = build_dataset([str(src)], out, size=64, cap=0, test_fraction=0, workers=1, progress=False)
+    assert stats["totals"]["test"] == 0
+    assert (out / "test" / "metadata.jsonl").read_bytes() == b""
+    assert read_split(out, "test") == [] and len(read_split(out, "train")) == 4
+    # the default fraction leaves the single-image class all in train
+    stats = build_dataset([str(src)], out, size=64, cap=0, workers=1, progress=False)
+    assert {c: (v["train"], v["test"]) for c, v in stats["classes"].items()} == {
+        "src/chest-xray/normal": (1, 0), "src/chest-xray/pneumonia": (2, 1)}
+    from llcm.errors import UserError
+
+    with pytest.raises(UserError, match="--test-fraction"):
+        build_dataset([str(src)], tmp_path / "bad", size=64, test_fraction=1.0, workers=1, progress=False)
+
+
+def test_split_is_deterministic(tmp_path, monkeypatch):
+    sizes = {"chest_xray/pneumonia": 6, "chest_xray/normal": 5, "brain_mri/glioma": 9}
+    a = make_classes(tmp_path / "a" / "hospital", sizes)
+    b = make_classes(tmp_path / "b" / "hospital", sizes, reverse=True)  # other names and creation order
+    opts = dict(size=64, workers=1, progress=False)
+    build_dataset([str(a)], tmp_path / "out-a", **opts)
+    ref = rows_by_split(tmp_path / "out-a")
+    assert len(ref["test"]) == 3  # one per class, below the cap
+
+    real_walk = os.walk
+
+    def reversed_walk(*args, **kwargs):  # a file system that lists in the opposite order
+        for dirpath, dirnames, filenames in real_walk(*args, **kwargs):
+            dirnames.reverse()
+            filenames.reverse()
+            yield dirpath, dirnames, filenames
+
+    monkeypatch.setattr(os, "walk", reversed_walk)
+    for src, out in ((a, "again-a"), (b, "out-b")):
+        build_dataset([str(src)], tmp_path / out, **opts)
+        assert rows_by_split(tmp_path / out) == ref, out
+    build_dataset([str(a)], tmp_path / "seed1", seed=1, **opts)
+    assert rows_by_split(tmp_path / "seed1")["test"] != ref["test"]  # the split is drawn with the seed
+
+
+def test_root_folder_name_is_not_in_prompts(tmp_path):
+    from llcm.data.taxonomy import Taxonomy, words
+
+    train = make_classes(tmp_path / "train", {"echocardiogram_ultrasound": 2})
+    src = make_classes(tmp_path / "src", {"cardiac/echocardiogram_ultrasound": 2, "chest_xray/pneumonia": 2},
+                       first_seed=200)
+    stats = build_dataset([str(train), str(src)], tmp_path / "out", size=64, workers=1, progress=False)
+    prompts = {cid: c["prompt"] for cid, c in stats["classes"].items()}
+    assert prompts == {"train/echocardiogram-ultrasound": "echocardiogram ultrasound",
+                       "src/cardiac/echocardiogram-ultrasound": "cardiac echocardiogram ultrasound",
+                       "src/chest-xray/pneumonia": "chest X-ray, pneumonia"}
+    for split in ("train", "test"):
+        for row in read_split(tmp_path / "out", split):
+            assert not {"train", "src"} & set(words(row["text"])), row["text"]
+    # the `{name}` of a prompt template is the class without its source, too
+    info = Taxonomy(prompt_template="{name}").resolve("src/chest-xray/pneumonia", "pneumonia", ("chest_xray",))
+    assert info.prompt == "chest xray pneumonia"

@@ -33,17 +33,18 @@ def test_defaults_give_the_promised_split():
 def test_small_mini_layout_and_card(small_mini):
     stats = json.loads((small_mini / "stats.json").read_text())
     assert stats["totals"]["classes"] == len(CLASSES) and stats["rejections"] == {}
-    assert {c["train"] for c in stats["classes"].values()} == {8}
+    # 8 images per class, far below the cap: the default --test-fraction puts one of each in test
+    assert {(c["train"], c["test"]) for c in stats["classes"].values()} == {(7, 1)}
     assert not stats["unmapped"]
     rows = read_split(small_mini, "train")
-    assert len(rows) == 8 * len(CLASSES)
+    assert len(rows) == 7 * len(CLASSES) and len(read_split(small_mini, "test")) == len(CLASSES)
     assert len({r["text"] for r in rows}) == len(CLASSES) and len({r["modality"] for r in rows}) >= 4
     for r in rows[:: 7]:
         with Image.open(r["path"]) as im:
             assert im.size == (64, 64) and im.mode == "RGB"
     card = (small_mini / "card.md").read_text()
     assert "Provenance of the embedded dataset" in card and "MNI ICBM152" in card
-    assert "| brain-mri-axial-t1 | MRI | brain | normal | 8 | 0 | axial brain MRI, T1-weighted |" in card
+    assert "| brain-mri-axial-t1 | MRI | brain | normal | 7 | 1 | axial brain MRI, T1-weighted |" in card
 
 
 def test_images_vary_within_each_class(small_mini):
@@ -81,7 +82,7 @@ def test_cli_mini_128(tmp_path, capsys, monkeypatch):
     out = tmp_path / "m128"
     assert main(["data", "mini", "--out", str(out), "--size", "128", "--per-class", "3", "--workers", "1",
                  "--quiet"]) == 0
-    assert f"{len(CLASSES)} classes, {3 * len(CLASSES)} train" in capsys.readouterr().out
+    assert f"{len(CLASSES)} classes, {2 * len(CLASSES)} train, {len(CLASSES)} test" in capsys.readouterr().out
     row = read_split(out, "train")[0]
     assert Image.open(row["path"]).size == (128, 128)
 

@@ -37,7 +37,8 @@ def test_unknown_words_are_reported_not_guessed():
     tax = Taxonomy()
     info = tax.resolve("lc25000/lung-n", "lung_n", ["lung colon histopathology"])
     assert not info.mapped and info.unmapped_reason == "unknown words: n"
-    assert info.disease == "" and info.prompt == "lc25000 lung n"
+    # the fallback prompt is the folders below the source (not the source name, lc25000) and the label
+    assert info.disease == "" and info.prompt == "lung colon histopathology lung n"
     assert tax.resolve("bt/yes", "yes", ["brain tumor"]).unmapped_reason == "no known word in the label"
     assert tax.resolve("x/pneumonia", "pneumonia", ["misc"]).unmapped_reason == "no modality"
 

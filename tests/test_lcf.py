@@ -350,3 +350,23 @@ def test_replay_of_the_base_classes_is_on_by_default(base, latents, tmp_path):
     made = json.loads((out / "model" / "llcm.json").read_text())
     assert DEFAULT_FRACTION == 0.25 and made["source"]["replay"]["fraction"] == DEFAULT_FRACTION
     assert made["classes"] == NEW + OLD and (out / "replay").is_dir()
+
+
+
+def test_cosine_lcf_resumed_from_a_checkpoint_ends_where_an_unbroken_run_does(base, latents, tmp_path):
+    """The tiny preset's LCF decays the learning rate to 0 over --steps (cosine); a run resumed from its
+    step-2 checkpoint gives the unbroken run's weights bit for bit."""
+    args = ["finetune", "--model", str(base), "--latents", str(latents), "--steps", "4", "--batch", "4",
+            "--quiet", "--replay", "0", "--checkpoint-every", "2"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # b: as if stopped after the checkpoint at step 2
+    shutil.rmtree(tmp_path / "b" / "model")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-0000004")
+    assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a = load_file(tmp_path / "a" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["train"]["lr_schedule"] == "cosine"
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rates[-1] == 0.0  # the cosine reaches 0 at the last step

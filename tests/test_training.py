@@ -207,3 +207,17 @@ def test_teacher_can_train_its_text_encoder(tmp_path):
     assert d[0, 0] < d[0, 1] and d[1, 1] < d[1, 0], d
     with pytest.raises(Exception, match="LoRA"):
         TeacherTask(micro_components(), data, train_text_encoder=True, lora_rank=4)
+
+
+def test_cosine_learning_rate_warms_up_then_falls_to_zero():
+    from llcm.errors import UserError
+    from llcm.training import TrainConfig, lr_factor
+
+    f = lr_factor(TrainConfig(max_steps=12, warmup_steps=2, lr_schedule="cosine"))
+    assert [f(0), f(1)] == [0.5, 1.0]  # linear warm-up
+    assert f(7) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)  # half-way down the cosine, then 0
+    assert all(f(s) >= f(s + 1) for s in range(1, 12))
+    const = lr_factor(TrainConfig(max_steps=12, warmup_steps=2))
+    assert [const(0), const(1), const(11)] == [0.5, 1.0, 1.0]
+    with pytest.raises(UserError):
+        TrainConfig(lr_schedule="linear").validate()

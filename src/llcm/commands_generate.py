@@ -16,8 +16,8 @@ Generate medical images from text prompts with a latent consistency model in 1-8
 metadata, so any single image can be regenerated; a grid.png and generation.json sit beside them.
 
 examples:
-  llcm generate "axial brain MRI"                       default model, 4 steps, seed 0
-  llcm generate "chest X-ray with a nodule" --batch 8 --steps 2 --seed 100
+  llcm generate "axial brain MRI, T1-weighted"          default model, 4 steps, seed 0
+  llcm generate "frontal chest X-ray with a lung nodule" --batch 8 --steps 2 --seed 100
   llcm generate --model runs/llcm/model --prompt "fundus photograph" --prompt "" --w 6
   llcm generate "x" --model tiny-cpu                    untrained tiny preset (plumbing check)
   llcm generate "dog thorax X-ray" --adapter runs/lcf-dog/model     an LCF adapter on the base it names

@@ -24,6 +24,9 @@ def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--lr", type=float, default=None, help=f"learning rate (default {defaults['lr']})")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                   help=f"learning rate after the warm-up: constant, or a cosine to 0 at the last step "
+                        f"(default {defaults.get('lr_schedule', 'constant')})")
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint-every", type=int, default=500)
@@ -42,7 +45,8 @@ def loop_config(args: argparse.Namespace, defaults: dict):
 
     return TrainConfig(out=args.out, max_steps=args.steps or defaults["steps"], batch_size=args.batch or defaults["batch"],
                        grad_accum=args.grad_accum, lr=args.lr or defaults["lr"], weight_decay=args.weight_decay,
-                       warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
+                       warmup_steps=args.warmup, lr_schedule=args.lr_schedule or defaults.get("lr_schedule", "constant"),
+                       mixed_precision=args.mixed_precision, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
                        time_limit_minutes=getattr(args, "time_limit", 0.0), progress=not getattr(args, "quiet", False))
 
@@ -69,6 +73,7 @@ def preset_defaults(name: str | None, section: str) -> dict:
         "lr": sec.get("learning_rate", base["lr"]), "ema_decay": sec.get("ema_decay", 0.95),
         "k": sec.get("skipping_interval_k", 20), "w_min": sec.get("w_min", 5.0), "w_max": sec.get("w_max", 15.0),
         "huber_c": sec.get("huber_c", 0.001), "loss": sec.get("loss", "huber"), "preset": preset,
+        "lr_schedule": sec.get("lr_schedule", "constant"),
     }
 
 
@@ -254,15 +259,15 @@ Latent consistency fine-tuning (LCF, LLCM Algorithm 1): adapt a trained LLCM to 
 no teacher. The same noise places each latent at t_n and t_(n+k); the student at t_(n+k) learns to
 match the EMA target at t_n.
 
-Defaults (preset tiny-cpu, the shipped model's size): lr 1e-3, EMA 0 (the target is the student
-itself), k 200 (so the result samples in at most 5 steps; --k 100 allows 10), 2000 steps x 32 (about
-12 min on 2 CPU cores), pseudo-Huber loss. Why: without a teacher the new images enter only where
-t_n = 0 and climb the k-grid one interval per update; with the paper's k 20 / EMA 0.95 / lr 5e-5 the
-default model learnt nothing of unseen ultrasound in 200-300 steps, while EMA 0 / lr 1e-3 and the
-coarser grid were the best of 30 settings measured on it (bench/lcf_sweep.py, docs/adapt.md); with
-them, unseen ultrasound's 4-step FID goes 321 zero-shot -> 213 (recipes/adapt.sh, --replay 0; the
-tiny UNet is still learning at 2000 steps: 267 at 500, 227 at 1000). --preset sd15 keeps the paper's
-settings (lr 8e-6, EMA 0.95, k 20, batch 1024). --k-start K0 adds a curriculum (K0 shrinking to k over
+Defaults (preset tiny-cpu, the shipped model's size): lr 1e-3 decayed to 0 by a cosine, EMA 0 (the
+target is the student itself), k 200 (so the result samples in at most 5 steps; --k 100 allows 10),
+2000 steps x 32 (about 12 min on 2 CPU cores), pseudo-Huber loss, replay 0.25. Why: without a teacher
+the new images enter only where t_n = 0 and climb the k-grid one interval per update; with the paper's
+k 20 / EMA 0.95 / lr 5e-5 the default model learnt nothing of unseen ultrasound in 200-300 steps, while
+EMA 0 / lr 1e-3 and the coarser grid were the best of 30 settings measured on it, and the decaying rate
+took 16 more off the FID (bench/lcf_sweep.py, docs/adapt.md): unseen ultrasound's 4-step FID goes 322
+zero-shot -> 203 with the defaults, 195 with --replay 0. --preset sd15 keeps the paper's settings
+(lr 8e-6, EMA 0.95, k 20, batch 1024). --k-start K0 adds a curriculum (K0 shrinking to k over
 --k-ramp of the run); it did not help here, so it is off by default.
 
 A prompt whose training images are grayscale (measured by `llcm encode`) is recorded in the model's
@@ -286,8 +291,8 @@ without it, sampled by the base itself at the start of the run (4 steps, --repla
 of its llcm.json, seeded from --seed) and cached in OUT/replay, so --resume reuses them. On those rows
 the model's output is held to the frozen base's at the same noisy point (output distillation), so the
 old classes stay where they were at every t. Measured after 2000 steps on ultrasound: the 10 original
-classes' 4-step FID 222.3 -> 235.0 and classifier 65.0% -> 57.5% with 0.25, against 294.3 and 10.5%
-with --replay 0; the new class's FID 240.2 instead of 212.8. --replay 0 learns the new data alone.
+classes' 4-step FID 209.3 -> 219.9 and classifier 72.0% -> 65.7% with 0.25, against 285.5 and 10.0%
+with --replay 0; the new class's FID 203.4 instead of 195.2. --replay 0 learns the new data alone.
 
 examples:
   llcm encode --data data/dog-xray --model default --out lat/dog

@@ -140,7 +140,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
     f = vae_factor(vae)
     train_split = scan_split(args.data, "train", f)
     eval_split = None
-    if (train_split.root / args.eval_split / "metadata.jsonl").is_file() and args.eval_split != "train":
+    meta = train_split.root / args.eval_split / "metadata.jsonl"
+    if meta.is_file() and meta.read_text().strip() and args.eval_split != "train":  # an empty split: train only
         eval_split = scan_split(args.data, args.eval_split, f)
         if (eval_split.height, eval_split.width) != (train_split.height, train_split.width):
             raise UserError(f"the {args.eval_split} images are {eval_split.width}x{eval_split.height} but the train "

@@ -46,8 +46,9 @@ class LLCMConfig:
     timestep_scaling: float = 10.0
     solver: str = "leapfrog"  # the distillation solver, for the record
     classes: list[str] = field(default_factory=list)  # prompts/classes seen in training
-    # per-channel mean of the (scaled) training latents: samples start from N(sqrt(alpha_bar_T) mu, I)
-    # (llcm.sampling.initial_latents); None for older folders and diffusers ones (plain N(0, I))
+    # per-channel mean of the (scaled) training latents: samples start from noise whose channel means are
+    # exactly sqrt(alpha_bar_T) mu (llcm.sampling.initial_latents); None for older folders and diffusers ones
+    # (plain N(0, I))
     latent_mean: list[float] | None = None
     # prompts whose training images were grayscale: their samples are returned as luminance (llcm.images)
     grayscale: list[str] = field(default_factory=list)

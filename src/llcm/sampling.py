@@ -57,14 +57,21 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], dtyp
 def initial_latents(generators: Sequence[torch.Generator], shape: Sequence[int], schedule: Schedule, t0: int,
                     latent_mean: Sequence[float] | None = None, dtype=torch.float32,
                     device: str | torch.device = "cpu") -> Tensor:
-    """The starting latents z_t0 = eps + sqrt(alpha_bar_t0) * mu, eps ~ N(0, I) (one draw per generator).
+    """The starting latents z_t0 = eps - mean_hw(eps) + sqrt(alpha_bar_t0) * mu, eps ~ N(0, I) (one draw per
+    generator); plain eps when ``latent_mean`` is None.
 
-    mu is the per-channel mean of the latents the model was trained on (``latent_mean`` in llcm.json;
-    None = 0). The schedule keeps sqrt(alpha_bar_T) = 0.07 of the signal at t = T = 999, so in training
-    the model sees each latent channel's offset in the noisy input's spatial mean and relies on it;
+    mu is the per-channel mean of the latents the model was trained on (``latent_mean`` in llcm.json).
+    The schedule keeps sqrt(alpha_bar_T) = 0.07 of the signal at t = T = 999, so in training the model sees
+    each latent channel's offset in the noisy input's spatial mean and reads colour and brightness from it;
     plain N(0, I) noise lacks it and every sample inherits a wrong channel mean (colour casts, wrong
-    brightness). Adding the offset makes the start match the training marginal's mean. A model trained
-    on standardised latents (``llcm train vae --standardize-latents``) has mu = 0 and plain noise.
+    brightness). The draw's own per-channel spatial mean mean_hw(eps) is removed too: its std, 1/sqrt(h w),
+    is 0.06 on 16x16 latents, as large as the offsets sqrt(alpha_bar_T) mu (0.01-0.10), and the model reads
+    colour from it: on the default model 5-12% of seeds at 4 steps gave colourful, shapeless grayscale images,
+    the same seeds for every prompt, and none once centred (``python bench/failure_seeds.py``). Still one
+    draw per generator, so a seed redraws its image alone, and diffusers' pipelines given ``latents=`` this
+    start draw the same images; re-noising draws stay plain. A folder without ``latent_mean`` (older or
+    diffusers ones) gets plain noise, as diffusers draws it; one trained on standardised latents
+    (``llcm train vae --standardize-latents``) records mu = 0 and gets centred noise.
     """
     z = draw_noise(generators, shape, dtype, device)
     if latent_mean is None:
@@ -73,7 +80,8 @@ def initial_latents(generators: Sequence[torch.Generator], shape: Sequence[int],
     if mu.numel() != shape[0]:
         raise ValueError(f"latent_mean has {mu.numel()} channels, the latents {shape[0]}")
     a, _ = schedule.alpha_sigma(torch.tensor(float(t0), dtype=torch.float64))
-    return z + (a * mu).to(dtype=dtype, device=z.device).view(-1, *([1] * (len(shape) - 1)))
+    offset = (a * mu).to(dtype=dtype, device=z.device).view(-1, *([1] * (len(shape) - 1)))
+    return z - z.mean(dim=tuple(range(2, z.dim())), keepdim=True) + offset
 
 
 @torch.no_grad()

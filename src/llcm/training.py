@@ -44,6 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps, after the warm-up)
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 0
@@ -63,8 +64,25 @@ class TrainConfig:
             raise UserError(f"time limit must be >= 0 minutes, got {self.time_limit_minutes}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+def lr_factor(config: TrainConfig):
+    """The learning-rate multiplier at step s: a linear warm-up, then 1 (constant) or a half cosine that
+    reaches 0 at max_steps (short runs at a high rate end on a settled iterate instead of a noisy one)."""
+    warm = max(1, config.warmup_steps)
+
+    def factor(s: int) -> float:
+        up = min(1.0, (s + 1) / warm)
+        if config.lr_schedule == "constant":
+            return up
+        frac = min(1.0, max(0.0, s - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+        return up * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
 
 
 class Task(Protocol):
@@ -284,8 +302,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas),
                                   weight_decay=config.weight_decay)
-    warm = max(1, config.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
     model, optimizer = acc.prepare(trainable, optimizer)
     task.to(acc.device)
 

@@ -9,10 +9,11 @@ Stages (each a function; data flows one way):
 3. `assemble`: in canonical order (source, path, frame) apply the label checks, then exact and
    perceptual de-duplication within and across sources; resolve each class in the taxonomy.
 4. `split_classes`: per class, a seeded permutation of the images (ordered by content hash) puts
-   `cap` in train and the excess in test; held-out classes go entirely to test.
+   at most `cap` in train and the rest in test, where the rest is at least `test_fraction` of the
+   class (one image for a class of two or more); held-out classes go entirely to test.
 5. Place each image at `<split>/<class>/<hash16>.<ext>` (hard link or copy to a temp name, then
-   `os.replace`), write `metadata.jsonl` per split, `stats.json`, `card.md`, and `build.json`
-   last: its presence with the same fingerprint means the folder is complete.
+   `os.replace`), write `metadata.jsonl` per split (also when empty), `stats.json`, `card.md`, and
+   `build.json` last: its presence with the same fingerprint means the folder is complete.
 
 Everything written depends only on the inputs and the options (no time stamps, no absolute paths,
 no file names from the sources), so a rebuild is byte-identical. Output image names are content
@@ -81,6 +82,7 @@ class BuildOptions:
     quality: int = 95
     color: str = "rgb"
     cap: int = 2000
+    test_fraction: float = 0.1
     seed: int = 0
     holdout: tuple[str, ...] = ()
     holdout_count: int = 0
@@ -122,6 +124,8 @@ class BuildOptions:
             raise UserError("--near-dup-distance must be at most 256 (of 512 bits)")
         if self.min_size < 1:
             raise UserError("--min-size must be at least 1")
+        if not 0 <= self.test_fraction < 1:
+            raise UserError("--test-fraction must be at least 0 and below 1")
 
     def output_fields(self) -> dict:
         d = dataclasses.asdict(self)
@@ -445,8 +449,18 @@ def choose_holdout(class_ids: list[str], patterns: tuple[str, ...], count: int, 
     return sorted(held)
 
 
-def split_classes(entries: list[Entry], cap: int, seed: int, held_out: list[str]) -> dict[str, dict[str, list[Entry]]]:
-    """class id -> {"train": [...], "test": [...]}: seeded permutation, first `cap` to train."""
+def n_test_images(n: int, cap: int, fraction: float) -> int:
+    """Test images of a class of `n`: the cap's excess, and at least `fraction` of the class (rounded,
+    at least one when n >= 2, never the last train image). fraction 0 is the paper's rule."""
+    excess = n - cap if cap and cap > 0 else 0
+    held = min(n - 1, max(1, int(n * fraction + 0.5))) if fraction > 0 and n >= 2 else 0
+    return max(excess, held)
+
+
+def split_classes(entries: list[Entry], cap: int, seed: int, held_out: list[str],
+                  test_fraction: float = 0.0) -> dict[str, dict[str, list[Entry]]]:
+    """class id -> {"train": [...], "test": [...]}: seeded permutation, the first ones to train,
+    the last `n_test_images` to test. Depends on content hashes only, never on file names or listing order."""
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         groups[e.class_id].append(e)
@@ -457,10 +471,9 @@ def split_classes(entries: list[Entry], cap: int, seed: int, held_out: list[str]
         es = [es[i] for i in order]
         if cid in held_out:
             out[cid] = {"train": [], "test": es}
-        elif cap and cap > 0:
-            out[cid] = {"train": es[:cap], "test": es[cap:]}
         else:
-            out[cid] = {"train": es, "test": []}
+            n_train = len(es) - n_test_images(len(es), cap, test_fraction)
+            out[cid] = {"train": es[:n_train], "test": es[n_train:]}
     return out
 
 
@@ -642,7 +655,7 @@ def build_dataset(sources_in, out, **options) -> dict:
             asm.rejections[reason] += n
             asm.by_source.setdefault(i, Counter())[reason] += n
     held = choose_holdout(sorted(asm.infos), opts.holdout, opts.holdout_count, opts.seed)
-    splits = split_classes(asm.entries, opts.cap, opts.seed, held)
+    splits = split_classes(asm.entries, opts.cap, opts.seed, held, opts.test_fraction)
 
     # 5. place images, then the text outputs
     ext = opts.image_format
@@ -691,13 +704,11 @@ def build_dataset(sources_in, out, **options) -> dict:
 
     from llcm.data.report import make_stats, render_card, metadata_rows
 
-    for split in SPLITS:
+    for split in SPLITS:  # written even when empty: readers (llcm evaluate) find an empty split, not none
         rows = metadata_rows(plan, split, asm, specs, held)
-        if rows:
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-            atomic_write(out / split / "metadata.jsonl", data)
-        elif (out / split).exists():
-            shutil.rmtree(out / split)
+        (out / split).mkdir(exist_ok=True)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        atomic_write(out / split / "metadata.jsonl", data)
     stats = make_stats(fingerprint, opts, specs, scans, asm, splits, held, dirs)
     atomic_write(out / "stats.json", _json_bytes(stats))
     atomic_write(out / "card.md", render_card(stats, REASONS).encode("utf-8"))

@@ -36,7 +36,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     stats = build_dataset(
         args.sources, args.out, size=args.size, crop=not args.no_crop, image_format=args.format,
-        quality=args.quality, color="keep" if args.keep_channels else "rgb", cap=args.cap, seed=args.seed,
+        quality=args.quality, color="keep" if args.keep_channels else "rgb", cap=args.cap,
+        test_fraction=args.test_fraction, seed=args.seed,
         holdout=tuple(args.holdout or ()), holdout_count=args.holdout_count, min_size=args.min_size,
         blank_std=args.blank_std, near_duplicate_distance=args.near_dup_distance, mapping=args.mapping,
         prompt_template=args.prompt_template, require_mapped=args.require_mapped, nifti_axis=args.nifti_axis,
@@ -134,6 +135,9 @@ def register(sub) -> None:
                    help="perceptual-hash Hamming distance (of 512 bits) for near duplicates; -1 disables (default 12)")
     s = b.add_argument_group("classes and splits")
     s.add_argument("--cap", type=int, default=2000, help="train images per class; the excess goes to test; 0 = no cap")
+    s.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
+                   help="also put this share of each class in test (at least 1 image of a class of 2 or more), "
+                   "so small classes can be evaluated; 0 = only the cap's excess, the paper's rule (default 0.1)")
     s.add_argument("--seed", type=int, default=0, help="seed of the per-class split (default 0)")
     s.add_argument("--holdout", action="append", metavar="CLASS",
                    help="a class (id or glob) put entirely in test; repeatable")

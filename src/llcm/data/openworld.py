@@ -233,7 +233,7 @@ def _to_rgb(f: np.ndarray) -> np.ndarray:
 
 
 def random_crops(frames: list[np.ndarray], n: int, size: int, rng: np.random.Generator,
-                 augment: bool = False, min_std: float = 0.02) -> np.ndarray:
+                 augment: bool = False, min_std: float = 0.02, colour_jitter: bool = False) -> np.ndarray:
     """``n`` crops, uint8 [n, size, size, 3]; a frame is picked in proportion to its area. Crops whose
     grey-level std is under ``min_std`` (blank background) are redrawn, up to 20 times."""
     from PIL import Image
@@ -254,12 +254,27 @@ def random_crops(frames: list[np.ndarray], n: int, size: int, rng: np.random.Gen
         img = Image.fromarray((crop * 255).round().astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
         arr = np.asarray(img).astype(np.float32) / 255
         if augment:
-            arr = _augment(arr, rng)
+            arr = _augment(arr, rng, colour_jitter)
         out[i] = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     return out
 
 
-def _augment(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def hue_saturation(arr: np.ndarray, angle: float, saturation: float) -> np.ndarray:
+    """Rotate the colours of float RGB [H, W, 3] about the grey axis by ``angle`` radians and scale their
+    distance from it by ``saturation``; grey pixels are unchanged."""
+    grey = arr.mean(2, keepdims=True)
+    u = np.array([1.0, -1.0, 0.0]) / np.sqrt(2)  # two orthonormal axes of the plane across the grey axis
+    v = np.array([1.0, 1.0, -2.0]) / np.sqrt(6)
+    chroma = arr - grey
+    a, b = chroma @ u, chroma @ v
+    c, s = np.cos(angle), np.sin(angle)
+    a, b = saturation * (c * a - s * b), saturation * (s * a + c * b)
+    return grey + a[..., None] * u + b[..., None] * v
+
+
+def _augment(arr: np.ndarray, rng: np.random.Generator, colour_jitter: bool = False) -> np.ndarray:
+    if colour_jitter and rng.random() < 0.5:  # any hue, so colours no source has (fundus orange) are seen
+        arr = np.clip(hue_saturation(arr, rng.uniform(-np.pi, np.pi), rng.uniform(0.6, 1.6)), 0, 1)
     arr = arr ** np.exp(rng.uniform(-0.4, 0.4))  # gamma 0.67-1.49
     mean = arr.mean()
     arr = (arr - mean) * rng.uniform(0.7, 1.3) + mean + rng.uniform(-0.1, 0.1)
@@ -270,15 +285,16 @@ def _augment(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def corpus(modalities, per_modality: int, size: int = 64, seed: int = 0, split: str = "train",
-           augment: bool | None = None) -> tuple[np.ndarray, list[str]]:
+           augment: bool | None = None, colour_jitter: bool = False) -> tuple[np.ndarray, list[str]]:
     """uint8 [N, size, size, 3] crops of each modality and their modality names (``augment`` defaults to
-    True for train, False for test)."""
+    True for train, False for test; ``colour_jitter`` adds random hue rotations and saturation to it)."""
     names = check_modalities(modalities)
     augment = split == "train" if augment is None else augment
     images, labels = [], []
     for name in names:  # seeded by name: leaving a modality out does not change the others' crops
         rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 0 if split == "train" else 1])
-        images.append(random_crops(regions(name, split), per_modality, size, rng, augment=augment))
+        images.append(random_crops(regions(name, split), per_modality, size, rng, augment=augment,
+                                   colour_jitter=colour_jitter))
         labels += [name] * per_modality
     return np.concatenate(images), labels
 

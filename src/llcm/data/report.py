@@ -142,12 +142,15 @@ def render_card(stats: dict, reasons: dict) -> str:
     size = f"{o['size']}×{o['size']}" if o["crop"] else f"shorter side {o['size']}"
     fmt = f"JPEG quality {o['quality']}" if o["image_format"] == "jpg" else "PNG"
     cap = f"at most {o['cap']} train images per class, the excess in test" if o["cap"] else "no cap"
+    frac = o.get("test_fraction", 0)
+    held = (f"at least {frac * 100:g}% of each class in test (one image of a class of two or more)" if frac
+            else "no test fraction (the paper's rule)")
     out = [f"# {stats['title']}", ""]
     out.append(f"{t['classes']} classes, **{t['train']} train** and **{t['test']} test** images "
                f"({size}, {fmt}, {'RGB' if o['color'] == 'rgb' else 'original channels'}), built by "
                f"`llcm data build` from {len(stats['sources'])} source(s): {t['files']} files, "
                f"{t['frames_decoded']} decoded images, {t['rejected']} left out (reasons below).")
-    out += ["", f"Split: {cap}, drawn with seed {o['seed']}."]
+    out += ["", f"Split: {held}; {cap}; drawn with seed {o['seed']}."]
     if stats["held_out_classes"]:
         out.append(f"Held-out classes (all images in test): {', '.join(stats['held_out_classes'])}.")
     out += ["", "Layout: Hugging Face `imagefolder`: `train/<class>/<hash>.ext` and `test/<class>/<hash>.ext`, "

@@ -194,7 +194,10 @@ class Taxonomy:
             mapped, reason = False, "no modality"
         else:
             mapped, reason = True, ""
-        readable = " ".join(words(class_id.replace("/", " ")))
+        # the key starts with the source's name (often a folder's name such as `train` or `src`): a
+        # fallback prompt reads only the folders below the source root, or the name the mapping gave
+        named = explicit and entry.get("name")
+        readable = " ".join(words(class_id.replace("/", " ") if named else " ".join((*context, label))))
         render_values = dict(values, name=readable, label=" ".join(words(label)),
                              animal="" if values["species"] == "human" else values["species"])
         prompt = str(entry["prompt"]) if explicit and entry.get("prompt") else None
