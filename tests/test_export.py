@@ -79,3 +79,19 @@ def test_request_validation(pipe):
     with pytest.warns(UserWarning, match="outside the trained range"):
         pipe(["x"], w=40.0)
     pipe([""], steps=1)  # the empty prompt is the unconditional one
+
+
+def test_export_keeps_the_models_timestep_scaling(tiny_student, tmp_path):
+    """The exported LCMScheduler carries the model's own timestep_scaling (it used to be written as 10.0),
+    so diffusers draws what llcm draws for a model trained with another value."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    ours_pipe = LLCMPipeline(tiny_student, LLCMConfig(timestep_scaling=2.5), name="tiny")
+    prompts, seeds, w = ["axial brain MRI"], [3], 7.0
+    ours = ours_pipe(prompts, steps=2, seeds=seeds, w=w)
+    folder = ours_pipe.export(tmp_path / "model")
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["timestep_scaling"] == 2.5
+    theirs = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)(
+        prompt=prompts, num_inference_steps=2, guidance_scale=w + 1,
+        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np", height=64, width=64).images
+    assert np.abs(theirs - ours.images).max() <= 1e-4

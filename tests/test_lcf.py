@@ -370,3 +370,11 @@ def test_cosine_lcf_resumed_from_a_checkpoint_ends_where_an_unbroken_run_does(ba
     assert config["train"]["lr_schedule"] == "cosine"
     rates = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert rates[-1] == 0.0  # the cosine reaches 0 at the last step
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--lr"])
+def test_zero_steps_batch_or_lr_are_refused_not_replaced_by_defaults(base, latents, tmp_path, capsys, flag):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(base), "--latents", str(latents), "--out", str(out), "--quiet",
+                 "--replay", "0", flag, "0"]) == 2
+    assert "must be" in capsys.readouterr().err and not out.exists()

@@ -180,3 +180,15 @@ def test_latents_without_images_are_decoded_as_the_initial_decoder_does():
     assert torch.equal(batch["target"][:4], batch["x"][:4])
     report = task.evaluate()
     assert report["anchor_images"] == 2 and report["anchor_decoded_latents"] == 3
+
+
+def test_hue_rotation_keeps_grey_and_turns_red_into_green():
+    rng = np.random.default_rng(0)
+    colour = rng.random((4, 4, 3))
+    grey = np.repeat(colour[..., :1], 3, axis=2)
+    assert np.allclose(openworld.hue_saturation(colour, 0.0, 1.0), colour)
+    assert np.allclose(openworld.hue_saturation(grey, 1.3, 1.5), grey)  # grey pixels have no hue
+    turned = openworld.hue_saturation(np.array([[[0.9, 0.4, 0.1]]]), 2 * np.pi / 3, 1.0)
+    assert np.allclose(turned, [[[0.1, 0.9, 0.4]]])  # a third of a turn: R -> G -> B
+    half = openworld.hue_saturation(colour, 0.0, 0.5)
+    assert np.allclose(half - colour.mean(2, keepdims=True), 0.5 * (colour - colour.mean(2, keepdims=True)))

@@ -43,8 +43,9 @@ def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 def loop_config(args: argparse.Namespace, defaults: dict):
     from llcm.training import TrainConfig
 
-    return TrainConfig(out=args.out, max_steps=args.steps or defaults["steps"], batch_size=args.batch or defaults["batch"],
-                       grad_accum=args.grad_accum, lr=args.lr or defaults["lr"], weight_decay=args.weight_decay,
+    given = lambda v, key: defaults[key] if v is None else v  # noqa: E731  (0 is a value, refused by validate)
+    return TrainConfig(out=args.out, max_steps=given(args.steps, "steps"), batch_size=given(args.batch, "batch"),
+                       grad_accum=args.grad_accum, lr=given(args.lr, "lr"), weight_decay=args.weight_decay,
                        warmup_steps=args.warmup, lr_schedule=args.lr_schedule or defaults.get("lr_schedule", "constant"),
                        mixed_precision=args.mixed_precision, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,

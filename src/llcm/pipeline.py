@@ -206,9 +206,9 @@ def decode_latents(components: Components, z0: torch.Tensor) -> np.ndarray:
     return image.cpu().permute(0, 2, 3, 1).float().numpy()
 
 
-def lcm_scheduler_config(schedule: Schedule, prediction_type: str, k: int) -> dict:
+def lcm_scheduler_config(schedule: Schedule, prediction_type: str, k: int, timestep_scaling: float = 10.0) -> dict:
     return {"_class_name": "LCMScheduler", **schedule.to_diffusers_config(), "prediction_type": prediction_type,
-            "original_inference_steps": schedule.num_train_timesteps // k, "timestep_scaling": 10.0,
+            "original_inference_steps": schedule.num_train_timesteps // k, "timestep_scaling": timestep_scaling,
             "set_alpha_to_one": True, "clip_sample": False, "thresholding": False, "steps_offset": 0,
             "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
 
@@ -226,7 +226,7 @@ def save_model_folder(components: Components, schedule: Schedule, config: LLCMCo
         c.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         c.tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
-        sched = lcm_scheduler_config(schedule, c.prediction_type, config.k)
+        sched = lcm_scheduler_config(schedule, c.prediction_type, config.k, config.timestep_scaling)
         sched["_class_name"] = "LCMScheduler" if pipeline_class == "LatentConsistencyModelPipeline" else "DDIMScheduler"
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index = {

@@ -368,5 +368,5 @@ class FinetuneTask(_ConsistencyTask):
         from llcm.pipeline import lcm_scheduler_config
 
         cfg = self.llcm_config()
-        sched = lcm_scheduler_config(self.schedule, self.components.prediction_type, cfg.k)
+        sched = lcm_scheduler_config(self.schedule, self.components.prediction_type, cfg.k, cfg.timestep_scaling)
         return save_adapter(self.trainable.unet, folder, dict(cfg.__dict__), self.adapter_base, self.base_hash, sched)
