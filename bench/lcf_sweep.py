@@ -35,7 +35,6 @@ def one(args) -> None:
     import torch
 
     from llcm.cli import main as llcm
-    from llcm.evaluation.evaluate import _to_device
     from llcm.latents import LatentSet
     from llcm.pipeline import LLCMPipeline, resolve_model
 
@@ -66,7 +65,7 @@ def one(args) -> None:
     info["train_s"] = time.perf_counter() - t0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LLCMPipeline.from_pretrained(str(folder))
-    _to_device(pipe.components, device)
+    pipe.to(device)
     prompt = list(dict.fromkeys(LatentSet.load(args.latents).prompts))[0]
     arrays = {}
     for steps in args.eval_steps:

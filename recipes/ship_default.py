@@ -106,7 +106,7 @@ def pick_student(summary: dict) -> str:
 
 
 def render_reference(dest: Path) -> dict:
-    from llcm.commands_generate import make_grid
+    from llcm.images import make_grid
     from llcm.pipeline import LLCMPipeline
 
     pipe = LLCMPipeline.from_pretrained(dest)

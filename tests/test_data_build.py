@@ -349,7 +349,7 @@ def test_cli_build_and_errors(hostile, tmp_path, capsys, monkeypatch):
     import llcm.cli
     from llcm.cli import main
 
-    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.data.cli"])  # only this stage's commands
+    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.cli.data"])  # only this stage's commands
 
     out = tmp_path / "cli"
     rc = main(["data", "build", *hostile["srcs"], "--out", str(out), "--size", "64", "--cap", "3", "--holdout",
@@ -424,7 +424,7 @@ def test_test_fraction_zero_keeps_the_cap_rule(hostile, tmp_path, monkeypatch):
     from llcm.cli import main
     from llcm.data.build import _class_seed
 
-    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.data.cli"])  # only this stage's commands
+    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.cli.data"])  # only this stage's commands
     out = tmp_path / "paper"
     stats = build_dataset(hostile["srcs"], out, **dict(OPTIONS, test_fraction=0))
     assert {c: (v["train"], v["test"]) for c, v in stats["classes"].items()} == EXPECTED_CAP_RULE

@@ -77,7 +77,7 @@ def test_cli_mini_128(tmp_path, capsys, monkeypatch):
     import llcm.cli
     from llcm.cli import main
 
-    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.data.cli"])  # only this stage's commands
+    monkeypatch.setattr(llcm.cli, "COMMAND_MODULES", ["llcm.cli.data"])  # only this stage's commands
 
     out = tmp_path / "m128"
     assert main(["data", "mini", "--out", str(out), "--size", "128", "--per-class", "3", "--workers", "1",

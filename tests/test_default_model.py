@@ -59,7 +59,7 @@ def test_reference_image_is_reproduced(folder, card):
     ref = card["reference"]
     pipe = load_pipeline(None)
     gen = pipe([ref["prompt"]] * len(ref["seeds"]), steps=ref["steps"], seeds=ref["seeds"])
-    from llcm.commands_generate import make_grid
+    from llcm.images import make_grid
 
     ours = np.asarray(make_grid(gen.pil_images(), cols=len(ref["seeds"])), dtype=np.int16)
     theirs = np.asarray(Image.open(folder / ref["file"]).convert("RGB"), dtype=np.int16)

@@ -151,7 +151,7 @@ def test_cli_default_epochs_is_the_classifiers():
     """`llcm evaluate --help` states the default without importing torch; it must match the module's."""
     import argparse
 
-    from llcm.commands_evaluate import register_evaluate
+    from llcm.cli.evaluate import register as register_evaluate
     from llcm.evaluation.classifier import DEFAULT_EPOCHS
     from llcm.evaluation.evaluate import EvalConfig
 

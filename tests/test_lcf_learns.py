@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from llcm.commands_training import preset_defaults
+from llcm.presets import training_defaults as preset_defaults
 from llcm.consistency import ConsistencyModel
 from llcm.latents import LatentSet
 from llcm.models import add_guidance_embedding

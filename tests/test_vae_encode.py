@@ -268,10 +268,10 @@ def test_bad_inputs_one_line(trained, tmp_path, capsys):
 def test_train_subparsers_shared():
     import argparse
 
-    from llcm.commands_train import add_train_group, train_subparsers
+    from llcm.cli.options import train_subparsers
 
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
-    assert train_subparsers(sub) is add_train_group(sub) is train_subparsers(sub)
+    assert train_subparsers(sub) is train_subparsers(sub)
 
 
 def test_teacher_unet_follows_the_vae_latent_channels(trained, tmp_path, capsys):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llcm.errors import UserError
+from llcm.model_folder import read_meta
 
 ADAPTER_FILE = "adapter.safetensors"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -91,10 +92,9 @@ def is_adapter(folder: str | os.PathLike) -> bool:
 def adapter_record(folder: str | os.PathLike) -> dict:
     """The "adapter" entry of an adapter folder's llcm.json (base, base_hash, rank, alpha, target_modules)."""
     folder = Path(folder).expanduser()
-    meta_file = folder / "llcm.json"
     if not is_adapter(folder):
         raise UserError(f"{folder} is not an adapter folder (no {ADAPTER_FILE}); pass a full model with --model")
-    record = json.loads(meta_file.read_text()).get("adapter") if meta_file.is_file() else None
+    record = read_meta(folder).get("adapter")
     if not record or not record.get("base") or not record.get("base_hash"):
         raise UserError(f"{folder} has {ADAPTER_FILE} but its llcm.json does not name the base model")
     return record

@@ -169,7 +169,8 @@ class DreamBoothTask(TaskBase):
                 "data": self.source}
 
     def save_model(self, folder: Path) -> Path:
-        from llcm.pipeline import LLCMConfig, save_model_folder
+        from llcm.model_folder import LLCMConfig
+        from llcm.pipeline import save_model_folder
 
         cfg = LLCMConfig(classes=[self.instance_prompt], source=self.record(), latent_mean=self.latent_mean)
         return save_model_folder(self.final_components(), self.schedule, cfg, folder, overwrite=True,
@@ -180,7 +181,7 @@ class DreamBoothTask(TaskBase):
         import numpy as np
         from PIL import Image
 
-        from llcm.commands_generate import make_grid
+        from llcm.images import make_grid
         from llcm.pipeline import decode_latents
 
         unet = self.trainable.unet

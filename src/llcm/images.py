@@ -1,4 +1,5 @@
-"""Image helpers shared by generation, evaluation and the benches: colour mode of a class, luminance.
+"""Image helpers shared by generation, training, evaluation and the benches: the grid, the one writer of PNGs
+that record how they were made, the colour mode of a class, luminance.
 
 Most medical modalities are grayscale, while the VAE (like Stable Diffusion's) is RGB: a sample that lies
 slightly off the latents of real images decodes with a colour cast that no grayscale image has. A class
@@ -8,7 +9,13 @@ samples are returned as their luminance, repeated on the three channels.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import numpy as np
+
+from llcm.errors import UserError
 
 GRAY_SPREAD = 2.0  # an image is grayscale when its channels differ by < 2 grey levels on average
 GRAY_SHARE = 0.8  # a class is grayscale when at least this share of its images is
@@ -35,3 +42,49 @@ def luminance_rgb(images: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
         y = np.clip(np.round(y), 0, 255)
     return np.repeat(y[..., None], 3, axis=-1).astype(a.dtype)
+
+
+def write_images(result, out: Path, model_name: str, overwrite: bool = False) -> list[Path]:
+    """One PNG per image of a Generation (prompt, seed, steps, w, timesteps, model hash in its text chunks),
+    written atomically, plus grid.png and generation.json; an existing file is refused unless overwrite."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from llcm import __version__
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = [out / f"{i:03d}_seed{s}.png" for i, s in enumerate(result.seeds)]
+    if not overwrite:
+        clash = [p for p in names + [out / "grid.png"] if p.exists()]
+        if clash:
+            raise UserError(f"{clash[0]} already exists; use another --out or pass --overwrite")
+    records = []
+    images = result.pil_images()
+    for path, img, prompt, seed in zip(names, images, result.prompts, result.seeds):
+        meta = {"prompt": prompt, "seed": seed, "steps": result.steps, "w": result.w,
+                "timesteps": result.timesteps, "model": model_name, "model_hash": result.model_hash,
+                "software": f"llcm {__version__}"}
+        info = PngInfo()
+        for k, v in meta.items():
+            info.add_text(f"llcm:{k}", json.dumps(v) if not isinstance(v, str) else v)
+        info.add_text("parameters", json.dumps(meta))
+        tmp = path.with_suffix(".png.tmp")
+        img.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+        records.append({"file": path.name, **meta})
+    make_grid(images).save(out / "grid.png")
+    (out / "generation.json").write_text(json.dumps(records, indent=2))
+    return names
+
+
+def make_grid(images, cols: int | None = None):
+    """PIL images of one size -> one image, ``cols`` per row (default: a square)."""
+    from PIL import Image
+
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "black")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid

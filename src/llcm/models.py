@@ -8,8 +8,8 @@ What lives here, and why it looks the way it does:
   ``scaling_factor``. The scheduler is deliberately *not* a component: the discrete SD schedule is
   plain math in :mod:`llcm.schedules`, so only the prediction type is read from a folder's
   ``scheduler/scheduler_config.json``.
-* Presets are small JSON files shipped in ``llcm/configs/`` (:func:`list_presets`,
-  :func:`load_preset`). ``tiny-cpu`` holds diffusers/transformers configs from which
+* Presets are small JSON files shipped in ``llcm/configs/`` (:mod:`llcm.presets`:
+  :func:`list_presets`, :func:`load_preset`). ``tiny-cpu`` holds diffusers/transformers configs from which
   :func:`build_tiny_components` builds random-weight models that run in milliseconds on a CPU
   (64x64 pixels -> 4x16x16 latents: the VAE has 3 resolution levels, i.e. factor 4).
   ``sd15`` and ``sd21-base`` describe real checkpoints (resolution, prediction type and the
@@ -17,7 +17,7 @@ What lives here, and why it looks the way it does:
   folder the user already has. Its UNet attends to text at all three levels (diffusers'
   ``attention_head_dim`` is, for legacy reasons, the number of heads: 4).
   The tiny VAE's ``scaling_factor`` is 1.0 because random weights have no meaningful latent
-  statistics; a VAE trained by :mod:`llcm.encoders` records its own.
+  statistics; a VAE trained by ``llcm train vae`` (:mod:`llcm.vae`) records its own.
 * **Nothing here downloads.** Every ``from_pretrained`` call gets a local path and
   ``local_files_only=True``, and a path that does not exist is refused *before* any library sees
   it, so a hub id such as ``runwayml/stable-diffusion-v1-5`` raises :class:`~llcm.errors.UserError`
@@ -51,6 +51,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from llcm.errors import UserError
+from llcm.presets import list_presets, load_preset  # noqa: F401  (re-exported)
 
 __all__ = [
     "Components",
@@ -89,6 +90,12 @@ class Components:
                 f"unsupported prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
             )
 
+    def to(self, device=None, dtype=None) -> "Components":
+        """Move (and optionally cast) the three networks in place; returns self."""
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along one side (8 for SD, 4 for tiny-cpu)."""
@@ -102,29 +109,6 @@ class Components:
     def resolution(self) -> int:
         """Default image side in pixels, as diffusers computes it (unet sample_size x VAE factor)."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-
-# ----------------------------------------------------------------------------------------------
-# Presets
-
-
-def _configs_dir() -> Any:
-    return resources.files("llcm") / "configs"
-
-
-def list_presets() -> list[str]:
-    """Names of the presets shipped in ``llcm/configs``."""
-    return sorted(p.name[: -len(".json")] for p in _configs_dir().iterdir() if p.name.endswith(".json"))
-
-
-def load_preset(name: str) -> dict:
-    """Return a fresh dict for a named preset (or for a path to a preset-style ``.json`` file)."""
-    if name.endswith(".json") and Path(name).is_file():
-        return json.loads(Path(name).read_text(encoding="utf-8"))
-    entry = _configs_dir() / f"{name}.json"
-    if not entry.is_file():
-        raise UserError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
-    return json.loads(entry.read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------

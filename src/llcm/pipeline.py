@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,38 +26,13 @@ from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
 from llcm.fileio import atomic_folder
 from llcm.images import luminance_rgb
+from llcm.model_folder import LLCMConfig, read_config, read_schedule
 from llcm.models import Components, encode_prompts, load_components, model_hash
 from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
 from llcm.schedules import Schedule
 
 MAX_BATCH = 64
 MAX_STEPS = 50
-
-
-@dataclass
-class LLCMConfig:
-    """What a consistency model needs beyond its diffusers components."""
-
-    k: int = 20  # skipping interval the model was distilled with
-    w_min: float = 5.0  # trained guidance range (LCM form; SD guidance scale = 1 + w)
-    w_max: float = 15.0
-    w_default: float = 7.0
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
-    solver: str = "leapfrog"  # the distillation solver, for the record
-    classes: list[str] = field(default_factory=list)  # prompts/classes seen in training
-    # per-channel mean of the (scaled) training latents: samples start from noise whose channel means are
-    # exactly sqrt(alpha_bar_T) mu (llcm.sampling.initial_latents); None for older folders and diffusers ones
-    # (plain N(0, I))
-    latent_mean: list[float] | None = None
-    # prompts whose training images were grayscale: their samples are returned as luminance (llcm.images)
-    grayscale: list[str] = field(default_factory=list)
-    source: dict = field(default_factory=dict)  # provenance: recipe, data, hashes
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LLCMConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -99,11 +74,7 @@ class LLCMPipeline:
 
         path = Path(path)
         components = load_components(path) if base is None else load_adapted(path, base)
-        cfg_file = path / "llcm.json"
-        config = LLCMConfig.from_dict(json.loads(cfg_file.read_text())) if cfg_file.exists() else LLCMConfig()
-        sched_file = path / "scheduler" / "scheduler_config.json"
-        schedule = (Schedule.from_diffusers_config(json.loads(sched_file.read_text()))
-                    if sched_file.exists() else Schedule.scaled_linear())
+        config, schedule = read_config(path), read_schedule(path)
         name = path.parent.name if path.name == "model" and path.parent.name else path.name  # runs/x/model -> x
         return cls(components, config, schedule, name=name)
 
@@ -123,9 +94,7 @@ class LLCMPipeline:
         The model hash stays the one of the weights as loaded (computed before any cast)."""
         if dtype is not None:
             _ = self.model_hash
-        for m in (self.components.unet, self.components.vae, self.components.text_encoder):
-            if m is not None:
-                m.to(device=device, dtype=dtype)
+        self.components.to(device, dtype)
         return self
 
     def default_size(self) -> int:

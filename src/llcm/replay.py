@@ -48,7 +48,8 @@ def sample_replay(components, config: dict, shape: tuple[int, ...], per_class: i
 
     from llcm.latents import LatentSet
     from llcm.models import model_hash
-    from llcm.pipeline import LLCMConfig, LLCMPipeline
+    from llcm.model_folder import LLCMConfig
+    from llcm.pipeline import LLCMPipeline
 
     classes = list(dict.fromkeys(config.get("classes") or []))
     if not classes:
@@ -93,3 +94,22 @@ def load_or_sample(folder: Path, components, config: dict, shape: tuple[int, ...
         if all(meta.get(k) == v for k, v in want.items()):
             return LatentSet.load(folder, expect_vae_hash=model_hash(components.vae)), False
     return sample_replay(components, config, shape, per_class, seed), True
+
+
+def anchor_samples(spec: str, vae, per_class: int, seed: int, size: tuple[int, int]):
+    """Unscaled latents a model samples for each of its classes (4 steps), for the VAE's decoder anchor."""
+    from llcm.model_folder import read_meta
+    from llcm.models import load_components
+    from llcm.pipeline import resolve_model
+
+    folder = resolve_model(spec)
+    comps = load_components(folder)
+    sf = float(vae.config.scaling_factor)
+    if abs(comps.scaling_factor - sf) > 1e-6 * sf:
+        raise UserError(f"--anchor-model {spec} scales its latents by {comps.scaling_factor}, the --init VAE by {sf}: "
+                        "give the model trained on this VAE's latents")
+    cfg = read_meta(folder)
+    f = comps.vae_scale_factor
+    shape = (comps.latent_channels, size[0] // f, size[1] // f)
+    print(f"sampling {per_class} latents per class of {spec} for the decoder anchor")
+    return sample_replay(comps, cfg, shape, per_class, seed).latents / sf

@@ -4,7 +4,7 @@ Three layers, each small:
 
 * :class:`Service` checks a request against :class:`Limits`, admits at most ``limits.queue`` requests
   at a time (running or waiting; the next one gets :class:`Busy` at once), runs them one by one
-  through the pipeline and writes the PNGs with ``llcm.commands_generate.write_images`` into a fresh
+  through the pipeline and writes the PNGs with ``llcm.images.write_images`` into a fresh
   folder under the output folder, plus a zip of that folder. No model logic lives here.
 * :func:`build_page` is the Gradio page: prompt (the model's classes as examples), steps, seed and
   randomize, guidance within the trained range, number of images, a gallery, a zip download, the
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from llcm.commands_generate import write_images
+from llcm.images import write_images
 from llcm.errors import UserError
 
 COMPARE_STEPS = (1, 2, 4, 8)

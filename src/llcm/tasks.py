@@ -104,7 +104,8 @@ class TeacherTask(_PromptData):
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
     def save_model(self, folder: Path) -> Path:
-        from llcm.pipeline import LLCMConfig, save_model_folder
+        from llcm.model_folder import LLCMConfig
+        from llcm.pipeline import save_model_folder
 
         cfg = LLCMConfig(classes=list(dict.fromkeys(self.data.prompts)), source={"task": "teacher"},
                          latent_mean=channel_mean(self.data.latents))
@@ -113,7 +114,7 @@ class TeacherTask(_PromptData):
 
     @torch.no_grad()
     def sample_grid(self):
-        from llcm.commands_generate import make_grid
+        from llcm.images import make_grid
         from llcm.pipeline import decode_latents
         from llcm.sampling import cfg_denoiser, make_generators, sample_ode, teacher_timesteps
 
@@ -209,7 +210,7 @@ class _ConsistencyTask(_PromptData):
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
     def llcm_config(self):
-        from llcm.pipeline import LLCMConfig
+        from llcm.model_folder import LLCMConfig
 
         return LLCMConfig(k=self.k, w_min=self.w_min, w_max=self.w_max,
                           w_default=round(min(max(7.0, self.w_min), self.w_max), 3),
@@ -229,7 +230,7 @@ class _ConsistencyTask(_PromptData):
         import numpy as np
         from PIL import Image
 
-        from llcm.commands_generate import make_grid
+        from llcm.images import make_grid
         from llcm.pipeline import decode_latents
         from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
 

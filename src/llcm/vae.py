@@ -526,7 +526,7 @@ class VAETask(TaskBase):
         """Top row: eval images; bottom row: their reconstructions."""
         from PIL import Image
 
-        from llcm.commands_generate import make_grid
+        from llcm.images import make_grid
 
         vae = self.trainable.vae
         was = vae.training

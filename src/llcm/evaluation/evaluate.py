@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from llcm.errors import UserError
+from llcm.model_folder import read_config, read_meta, read_schedule
 from llcm.evaluation.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
 
 SEED_STRIDE = 1_000_000
@@ -256,27 +257,12 @@ def plan_runs(cfg: EvalConfig) -> list[Run]:
 
 
 def _stored_hash(folder: Path) -> str:
-    meta = folder / "llcm.json"
-    if meta.is_file():
-        h = json.loads(meta.read_text()).get("unet_hash")
-        if h:
-            return str(h)
+    h = read_meta(folder).get("unet_hash")
+    if h:
+        return str(h)
     from llcm.models import model_hash
 
     return model_hash(folder)
-
-
-def _schedule_of(folder: Path):
-    from llcm.schedules import Schedule
-
-    f = folder / "scheduler" / "scheduler_config.json"
-    return Schedule.from_diffusers_config(json.loads(f.read_text())) if f.is_file() else Schedule.scaled_linear()
-
-
-def _to_device(components, device):
-    for m in (components.unet, components.vae, components.text_encoder):
-        m.to(device)
-    return components
 
 
 class ConsistencySampler:
@@ -286,7 +272,7 @@ class ConsistencySampler:
         from llcm.pipeline import LLCMPipeline
 
         self.pipe = LLCMPipeline.from_pretrained(folder)
-        _to_device(self.pipe.components, device)
+        self.pipe.to(device)
 
     def prompt(self, cls: ClassInfo) -> str:
         return cls.prompt
@@ -304,10 +290,9 @@ class TeacherSampler:
         from llcm.models import load_components
 
         self.folder, self.solver = Path(folder), solver
-        self.components = _to_device(load_components(folder), device)
-        self.schedule = _schedule_of(self.folder)
-        meta = self.folder / "llcm.json"  # where its samples start (llcm.sampling.initial_latents)
-        self.latent_mean = json.loads(meta.read_text()).get("latent_mean") if meta.is_file() else None
+        self.components = load_components(folder).to(device)
+        self.schedule = read_schedule(self.folder)
+        self.latent_mean = read_config(self.folder).latent_mean  # where its samples start (initial_latents)
 
     def prompt(self, cls: ClassInfo) -> str:
         return cls.prompt
@@ -384,10 +369,10 @@ def run_identity(run: Run, cfg: EvalConfig) -> dict:
         extra = {"class_hashes": hashes, "prompts": {c: e["prompt"] for c, e in entries.items()}}
     else:
         model_hash, extra, entries = _stored_hash(folder), {}, {}
-    n_train = _schedule_of(Path(entries[next(iter(entries))]["model"]) if run.kind == "dreambooth" and entries
+    n_train = read_schedule(Path(entries[next(iter(entries))]["model"]) if run.kind == "dreambooth" and entries
                            else folder).num_train_timesteps
     if run.kind == "consistency":
-        meta = json.loads((folder / "llcm.json").read_text()) if (folder / "llcm.json").is_file() else {}
+        meta = read_meta(folder)
         w = meta.get("w_default", 7.0) if cfg.w is None else cfg.w
         k = run.k or meta.get("k", 20)
         from llcm.sampling import consistency_timesteps

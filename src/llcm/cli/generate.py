@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import warnings
 from pathlib import Path
 
@@ -59,6 +57,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llcm.images import write_images
     from llcm.pipeline import load_pipeline
 
     prompts = ([args.prompt_arg] if args.prompt_arg is not None else []) + list(args.prompt)
@@ -93,46 +92,3 @@ def run(args: argparse.Namespace) -> int:
             print("note: the model was trained on these prompts/classes; others still generate images but "
                   "are outside its training data:\n  " + "\n  ".join(known))
     return 0
-
-
-def write_images(result, out: Path, model_name: str, overwrite: bool = False) -> list[Path]:
-    from PIL.PngImagePlugin import PngInfo
-
-    from llcm import __version__
-
-    out.mkdir(parents=True, exist_ok=True)
-    names = [out / f"{i:03d}_seed{s}.png" for i, s in enumerate(result.seeds)]
-    if not overwrite:
-        clash = [p for p in names + [out / "grid.png"] if p.exists()]
-        if clash:
-            raise UserError(f"{clash[0]} already exists; use another --out or pass --overwrite")
-    records = []
-    images = result.pil_images()
-    for path, img, prompt, seed in zip(names, images, result.prompts, result.seeds):
-        meta = {"prompt": prompt, "seed": seed, "steps": result.steps, "w": result.w,
-                "timesteps": result.timesteps, "model": model_name, "model_hash": result.model_hash,
-                "software": f"llcm {__version__}"}
-        info = PngInfo()
-        for k, v in meta.items():
-            info.add_text(f"llcm:{k}", json.dumps(v) if not isinstance(v, str) else v)
-        info.add_text("parameters", json.dumps(meta))
-        tmp = path.with_suffix(".png.tmp")
-        img.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
-        records.append({"file": path.name, **meta})
-    make_grid(images).save(out / "grid.png")
-    (out / "generation.json").write_text(json.dumps(records, indent=2))
-    return names
-
-
-def make_grid(images, cols: int | None = None):
-    from PIL import Image
-
-    n = len(images)
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "black")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid

@@ -1,7 +1,8 @@
 """The `llcm` command: a thin layer that parses arguments and calls the library.
 
-Each stage lives in its own module and contributes its subcommands through a
-`register(subparsers)` function; this file only lists those modules.
+Each command group lives in its own module of this package and contributes its subcommands through a
+`register(subparsers)` function; this file only lists those modules. The library never imports this
+package (tests/test_layout.py checks it).
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ from llcm.errors import UserError
 
 # Modules that add subcommands, in the order they appear in `llcm --help`.
 COMMAND_MODULES = [
-    "llcm.data.cli",
-    "llcm.commands_train",
-    "llcm.commands_vae",
-    "llcm.commands_training",
-    "llcm.commands_generate",
-    "llcm.commands_evaluate",
-    "llcm.commands_serve",
+    "llcm.cli.data",
+    "llcm.cli.train",
+    "llcm.cli.encode",
+    "llcm.cli.distill",
+    "llcm.cli.generate",
+    "llcm.cli.evaluate",
+    "llcm.cli.serve",
 ]
 
 EPILOG = """\
-typical workflow (tiny CPU scale shown; add --preset sd15 --base PATH for Stable Diffusion):
-  llcm data mini --out data/mini                 build the embedded offline dataset
-  llcm generate "axial brain MRI" --steps 4      few-step generation with a model
-  llcm <command> --help                          every command explains its options
+typical workflow (the shipped default model; add --preset sd15 --base PATH for Stable Diffusion):
+  llcm generate "axial brain MRI, T1-weighted"                      4 steps with the default model
+  llcm data build my-images/ --out data/mine                        your folders -> a dataset
+  llcm encode --data data/mine --model default --out lat/mine       its latents, computed once
+  llcm finetune --model default --latents lat/mine --out runs/mine  adapt the model (LCF, about 12 min)
+  llcm generate "a prompt of data/mine" --model runs/mine/model
+  llcm evaluate --data data/mine --model mine=runs/mine/model --out runs/eval
+  llcm <command> --help                                             every command explains its options
 
 Nothing is ever downloaded: models and data are local folders you pass by path.
 """

@@ -1,9 +1,8 @@
-"""`llcm evaluate` (Table 3 + memorization + report) and `llcm train dreambooth` (the DreamBooth baseline)."""
+"""`llcm evaluate`: Table 3 (FID/KID/precision-recall per class and step count), memorization, report."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return vals
 
 
-def register_evaluate(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser("evaluate", help="FID/KID/precision-recall per step count, memorization, HTML report",
                        description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder (llcm data build / data mini) with train/ and test/")
@@ -161,89 +160,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
               f"{mem['train_split']} images (see the report)")
     print(f"report: {Path(args.out) / 'report.html'}; numbers: {Path(args.out) / 'results.json'}")
     return 0
-
-
-# ------------------------------------------------------------------------------------------ dreambooth
-
-DB_HELP = """\
-DreamBooth-style baseline: fine-tune the teacher on ONE class's training latents with an instance prompt
-("sks <class prompt>" by default) plus prior preservation: class latents sampled once from the frozen
-original teacher with the class prompt; loss = instance denoising loss + lambda * prior denoising loss.
---class all trains one model per class into OUT/<class>/ and writes OUT/dreambooth.json, which
-`llcm evaluate --model db=OUT:ddim@50` reads (each class sampled by its own model and instance prompt).
-
-examples:
-  llcm train dreambooth --teacher runs/teacher/model --latents lat/train --class all --out runs/db
-  llcm train dreambooth --teacher runs/teacher/model --latents lat/train --class chest-xray-normal --out runs/db
-"""
-
-
-def register_dreambooth(train_sub) -> None:
-    from llcm.commands_training import LOOP_HELP, add_loop_options
-
-    d = {"steps": 400, "batch": 8, "lr": 5e-5}
-    p = train_sub.add_parser("dreambooth", help="DreamBooth-style per-class fine-tune of the teacher (baseline)",
-                             description=DB_HELP, epilog=LOOP_HELP,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher model folder")
-    p.add_argument("--latents", required=True, help="latent cache of the train split (the teacher's VAE)")
-    p.add_argument("--class", dest="classes", required=True, help="class name or prompt; comma-separated; 'all'")
-    p.add_argument("--instance-prompt", choices=["rare", "class"], default="rare",
-                   help="rare: '<rare token> <class prompt>' (DreamBooth); class: the class prompt itself")
-    p.add_argument("--rare-token", default="sks")
-    p.add_argument("--num-prior", type=int, default=100, help="class-prior latents from the frozen teacher")
-    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior-preservation loss")
-    p.add_argument("--prior-steps", type=int, default=25, help="DDIM steps for the prior latents")
-    p.add_argument("--prior-w", type=float, default=6.5, help="CFG w (LCM form) for the prior latents")
-    p.add_argument("--cond-dropout", type=float, default=0.1)
-    add_loop_options(p, d)
-    p.set_defaults(func=run_dreambooth, _db_defaults=d)
-
-
-def run_dreambooth(args: argparse.Namespace) -> int:
-    from llcm.commands_training import _load_latents, loop_config
-    from llcm.dreambooth import DreamBoothTask, class_rows, slug, write_set_entry
-    from llcm.models import load_components
-    from llcm.training import train
-
-    d = args._db_defaults
-    probe = load_components(args.teacher)
-    data = _load_latents(args.latents, probe)
-    del probe
-    wanted = list(dict.fromkeys(data.meta.get("classes") or data.prompts)) if args.classes == "all" \
-        else [c.strip() for c in args.classes.split(",") if c.strip()]
-    names = [class_rows(data, c)[1] for c in wanted]  # validates every class before any training
-    out = Path(args.out)
-    status = 0
-    for name in names:
-        sub = out / slug(name)
-        done = sub / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("status") == "finished" and not args.dry_run:
-            print(f"dreambooth {name}: already trained ({sub / 'model'})")
-            continue
-        comps = load_components(args.teacher)  # a fresh teacher for every class
-        class_prompt = class_rows(data, name)[2]
-        task = DreamBoothTask(comps, data, name, instance_prompt=None if args.instance_prompt == "rare" else
-                              class_prompt, rare_token=args.rare_token, num_prior=args.num_prior,
-                              prior_weight=args.prior_weight, prior_steps=args.prior_steps, prior_w=args.prior_w,
-                              cond_dropout=args.cond_dropout, seed=args.seed)
-        cfg = loop_config(args, d)
-        cfg.out = str(sub)
-        extra = {"command": "dreambooth", "dreambooth": task.record(),
-                 "args": {k: v for k, v in vars(args).items() if k not in ("func", "_db_defaults")}}
-        summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
-        if args.dry_run:
-            continue
-        print(f"dreambooth {name}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}")
-        if summary["status"] == "finished":
-            write_set_entry(out, task, sub / "model", str(Path(args.teacher).resolve()))
-        else:
-            status = 1
-    return status
-
-
-def register(sub) -> None:
-    from llcm.commands_train import train_subparsers
-
-    register_evaluate(sub)
-    register_dreambooth(train_subparsers(sub))

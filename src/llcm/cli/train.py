@@ -1,4 +1,4 @@
-"""`llcm train vae` (a small AutoencoderKL on a dataset's images) and `llcm encode` (images -> cached latents)."""
+"""`llcm train vae | teacher | dreambooth`: the models trained from images or latents before distillation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from llcm.cli.options import (LOOP_HELP, add_loop_options, load_latents, loop_config, require_folder, run_training,
+                              train_subparsers)
 from llcm.errors import UserError
+from llcm.presets import training_defaults
 
 TRAIN_VAE_HELP = """\
 Train a small diffusers AutoencoderKL on the train split of an imagefolder dataset (what
@@ -26,24 +29,9 @@ examples:
   llcm train vae --data data/mini --out runs/vae --resume            continue after an interruption
 """
 
-ENCODE_HELP = """\
-Encode a split of an imagefolder dataset into VAE latents once, cached in OUT as a LatentSet
-(latents.safetensors + latents.json) that training reads instead of images. The latents are the
-VAE posterior means (deterministic) times the VAE's scaling factor.
 
-Running it again with the same VAE and data does nothing; a cache made by a different VAE, other
-data, another split or --flip setting is refused unless --overwrite.
-
-examples:
-  llcm encode --data data/mini --model runs/vae/model --out data/mini-latents
-  llcm encode --data data/mini --model path/to/stable-diffusion-v1-5 --out latents-sd15 --split test
-"""
-
-
-def register(sub) -> None:
-    from llcm.commands_train import train_subparsers
-
-    p = train_subparsers(sub).add_parser("vae", help="train a small AutoencoderKL on a dataset's images",
+def register_vae(train_sub) -> None:
+    p = train_sub.add_parser("vae", help="train a small AutoencoderKL on a dataset's images",
                                          description=TRAIN_VAE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder with train/ (and test/) imagefolder splits")
@@ -90,29 +78,14 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train_vae)
 
-    e = sub.add_parser("encode", help="images -> cached VAE latents (computed once)", description=ENCODE_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--data", required=True, help="dataset folder with imagefolder splits (SPLIT/metadata.jsonl)")
-    e.add_argument("--model", required=True,
-                   help="local model folder with vae/, 'default' (the model shipped with llcm), an adapter folder "
-                        "(its base's VAE), a `llcm train vae` run (or its model/), or a VAE folder")
-    e.add_argument("--out", required=True, help="latent cache folder to write")
-    e.add_argument("--split", default="train", help="split to encode (default train)")
-    e.add_argument("--flip", action="store_true",
-                   help="also add horizontally flipped copies. Off by default: in medical images left/right is "
-                        "anatomy (laterality, situs), so a flipped image shows a different, often impossible, body")
-    e.add_argument("--overwrite", action="store_true", help="replace a cache made by another VAE, data or setting")
-    e.add_argument("--batch", type=int, default=16, help="images per encoder batch (default 16)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
-    e.set_defaults(func=run_encode)
-
 
 class _DryRun:
     name = "vae"
 
 
 def run_train_vae(args: argparse.Namespace) -> int:
-    from llcm.models import load_preset
+    from llcm.presets import load_preset
+    from llcm.replay import anchor_samples
     from llcm.training import TrainConfig, train, writable_folder
     from llcm.vae import DEFAULT_KL_WEIGHT, VAETask, build_vae, load_pixels, load_vae, scan_split, vae_factor
 
@@ -179,7 +152,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
         source = {**source, "anchor": str(anchor_split.root), "anchor_data_hash": anchor_split.data_hash}
     anchor_z = None
     if args.anchor_model:
-        anchor_z = model_samples(args.anchor_model, vae, args.anchor_samples, args.seed,
+        anchor_z = anchor_samples(args.anchor_model, vae, args.anchor_samples, args.seed,
                                  (train_split.height, train_split.width))
         source = {**source, "anchor_model": args.anchor_model, "anchor_samples_per_class": args.anchor_samples}
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
@@ -202,41 +175,164 @@ def run_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_samples(spec: str, vae, per_class: int, seed: int, size: tuple[int, int]):
-    """Unscaled latents a model samples for each of its classes (4 steps), for the VAE's decoder anchor."""
-    import json
+# ------------------------------------------------------------------------------------------ teacher
 
+TEACHER_HELP = """\
+Retrain a Stable-Diffusion-style latent diffusion teacher on cached latents + prompts (the paper's
+"retrained SD"): epsilon or v prediction as the base model has, prompt dropout for classifier-free
+guidance, full fine-tune or LoRA (--lora-rank).
+
+examples:
+  llcm train teacher --latents data/mini-latents --model runs/vae/model --out runs/teacher
+  llcm train teacher --latents lat/ --base ~/models/sd15 --preset sd15 --lora-rank 64 --out runs/t
+"""
+
+
+def register_teacher(train_sub) -> None:
+    d = training_defaults(None, "teacher")
+    p = train_sub.add_parser("teacher", help="retrain a latent diffusion teacher", description=TEACHER_HELP,
+                             epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latents", required=True, help="latent cache from `llcm encode`")
+    p.add_argument("--base", default=None, help="local diffusers SD folder to fine-tune (default: build the "
+                   "preset's tiny UNet from scratch)")
+    p.add_argument("--model", default=None, help="a model folder whose VAE/text encoder to use with a fresh tiny "
+                   "UNet (e.g. the output of `llcm train vae` plus the preset's text encoder); the UNet is built "
+                   "for the VAE's latent channels")
+    p.add_argument("--cond-dropout", type=float, default=0.1, help="prompt dropout for CFG (default 0.1)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="train the text encoder with the UNet (full fine-tune only): needed when it starts from "
+                        "random weights, as the tiny preset's does, so that prompts differing in one word "
+                        "(normal / nodule) condition differently")
+    add_loop_options(p, d)
+    p.set_defaults(func=run_teacher)
+
+
+def teacher_components(args):
+    """The teacher's starting point: a local SD folder, or the preset's tiny architecture (+ a trained VAE)."""
+    import dataclasses
+
+    from llcm.models import components_from_preset, load_components
+    from llcm.presets import load_preset
+
+    if args.base:
+        return load_components(args.base)
+    preset = load_preset(args.preset)
+    vae = None
+    if args.model:
+        from diffusers import AutoencoderKL
+
+        folder = Path(args.model)
+        vae_dir = folder / "vae" if (folder / "vae").exists() else folder
+        if not (vae_dir / "config.json").exists():
+            raise UserError(f"{args.model} has no VAE (expected {vae_dir}/config.json)")
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
+        channels = int(vae.config.latent_channels)
+        unet_cfg = preset.get("unet") or {}
+        if preset.get("source") == "configs" and unet_cfg.get("in_channels", channels) != channels:
+            # the fresh tiny UNet is built for the VAE's latents (e.g. a VAE trained with more channels)
+            print(f"note: the VAE has {channels} latent channels; building the {preset.get('name')} UNet with "
+                  f"{channels} input/output channels (preset: {unet_cfg['in_channels']})")
+            preset["unet"] = {**unet_cfg, "in_channels": channels, "out_channels": channels}
+    comps = components_from_preset(preset, None, seed=args.seed)
+    if vae is not None:
+        comps = dataclasses.replace(comps, vae=vae, scaling_factor=float(vae.config.scaling_factor))
+    return comps
+
+
+def run_teacher(args) -> int:
+    from llcm.tasks import TeacherTask
+
+    d = training_defaults(args.preset, "teacher")
+    require_folder(args.latents, "latent cache", "create it with `llcm encode`")
+    comps = teacher_components(args)
+    data = load_latents(args.latents, comps)
+    if not args.base and data.latents.shape[-1] != comps.unet.config.sample_size:
+        # a fresh UNet records the latent size it is trained at: pipelines take their default image size from it
+        comps.unet.register_to_config(sample_size=int(data.latents.shape[-1]))
+    return run_training(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank,
+                                    train_text_encoder=args.train_text_encoder),
+                args, d, "teacher")
+
+
+# ------------------------------------------------------------------------------------------ dreambooth
+
+DB_HELP = """\
+DreamBooth-style baseline: fine-tune the teacher on ONE class's training latents with an instance prompt
+("sks <class prompt>" by default) plus prior preservation: class latents sampled once from the frozen
+original teacher with the class prompt; loss = instance denoising loss + lambda * prior denoising loss.
+--class all trains one model per class into OUT/<class>/ and writes OUT/dreambooth.json, which
+`llcm evaluate --model db=OUT:ddim@50` reads (each class sampled by its own model and instance prompt).
+
+examples:
+  llcm train dreambooth --teacher runs/teacher/model --latents lat/train --class all --out runs/db
+  llcm train dreambooth --teacher runs/teacher/model --latents lat/train --class chest-xray-normal --out runs/db
+"""
+
+
+def register_dreambooth(train_sub) -> None:
+    d = {"steps": 400, "batch": 8, "lr": 5e-5}
+    p = train_sub.add_parser("dreambooth", help="DreamBooth-style per-class fine-tune of the teacher (baseline)",
+                             description=DB_HELP, epilog=LOOP_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="teacher model folder")
+    p.add_argument("--latents", required=True, help="latent cache of the train split (the teacher's VAE)")
+    p.add_argument("--class", dest="classes", required=True, help="class name or prompt; comma-separated; 'all'")
+    p.add_argument("--instance-prompt", choices=["rare", "class"], default="rare",
+                   help="rare: '<rare token> <class prompt>' (DreamBooth); class: the class prompt itself")
+    p.add_argument("--rare-token", default="sks")
+    p.add_argument("--num-prior", type=int, default=100, help="class-prior latents from the frozen teacher")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior-preservation loss")
+    p.add_argument("--prior-steps", type=int, default=25, help="DDIM steps for the prior latents")
+    p.add_argument("--prior-w", type=float, default=6.5, help="CFG w (LCM form) for the prior latents")
+    p.add_argument("--cond-dropout", type=float, default=0.1)
+    add_loop_options(p, d)
+    p.set_defaults(func=run_dreambooth, _db_defaults=d)
+
+
+def run_dreambooth(args: argparse.Namespace) -> int:
+    from llcm.dreambooth import DreamBoothTask, class_rows, slug, write_set_entry
     from llcm.models import load_components
-    from llcm.pipeline import resolve_model
-    from llcm.replay import sample_replay
+    from llcm.training import train
 
-    folder = resolve_model(spec)
-    comps = load_components(folder)
-    sf = float(vae.config.scaling_factor)
-    if abs(comps.scaling_factor - sf) > 1e-6 * sf:
-        raise UserError(f"--anchor-model {spec} scales its latents by {comps.scaling_factor}, the --init VAE by {sf}: "
-                        "give the model trained on this VAE's latents")
-    cfg = json.loads((folder / "llcm.json").read_text()) if (folder / "llcm.json").is_file() else {}
-    f = comps.vae_scale_factor
-    shape = (comps.latent_channels, size[0] // f, size[1] // f)
-    print(f"sampling {per_class} latents per class of {spec} for the decoder anchor")
-    return sample_replay(comps, cfg, shape, per_class, seed).latents / sf
+    d = args._db_defaults
+    probe = load_components(args.teacher)
+    data = load_latents(args.latents, probe)
+    del probe
+    wanted = list(dict.fromkeys(data.meta.get("classes") or data.prompts)) if args.classes == "all" \
+        else [c.strip() for c in args.classes.split(",") if c.strip()]
+    names = [class_rows(data, c)[1] for c in wanted]  # validates every class before any training
+    out = Path(args.out)
+    status = 0
+    for name in names:
+        sub = out / slug(name)
+        done = sub / "summary.json"
+        if done.is_file() and json.loads(done.read_text()).get("status") == "finished" and not args.dry_run:
+            print(f"dreambooth {name}: already trained ({sub / 'model'})")
+            continue
+        comps = load_components(args.teacher)  # a fresh teacher for every class
+        class_prompt = class_rows(data, name)[2]
+        task = DreamBoothTask(comps, data, name, instance_prompt=None if args.instance_prompt == "rare" else
+                              class_prompt, rare_token=args.rare_token, num_prior=args.num_prior,
+                              prior_weight=args.prior_weight, prior_steps=args.prior_steps, prior_w=args.prior_w,
+                              cond_dropout=args.cond_dropout, seed=args.seed)
+        cfg = loop_config(args, d)
+        cfg.out = str(sub)
+        extra = {"command": "dreambooth", "dreambooth": task.record(),
+                 "args": {k: v for k, v in vars(args).items() if k not in ("func", "_db_defaults")}}
+        summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
+        if args.dry_run:
+            continue
+        print(f"dreambooth {name}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}")
+        if summary["status"] == "finished":
+            write_set_entry(out, task, sub / "model", str(Path(args.teacher).resolve()))
+        else:
+            status = 1
+    return status
 
 
-def run_encode(args: argparse.Namespace) -> int:
-    from llcm.adapter import full_model_folder
-    from llcm.encode import encode_split
-    from llcm.pipeline import resolve_model
-
-    model = full_model_folder(resolve_model(args.model))  # an adapter has no VAE of its own: its base's
-    latents, info = encode_split(args.data, model, args.out, split=args.split, flip=args.flip,
-                                 overwrite=args.overwrite, batch_size=args.batch, progress=not args.quiet)
-    if info["skipped"]:
-        print(f"{args.out} is up to date (VAE {info['vae_hash']}, data {info['data_hash']}, split {args.split}, "
-              f"flip {args.flip}): nothing to do")
-        return 0
-    shape = "x".join(str(s) for s in latents.latents.shape[1:])
-    print(f"encoded {len(latents)} latents ({shape}{', with flips' if args.flip else ''}) of split {args.split} "
-          f"in {info['seconds']:.1f} s -> {args.out}: std {info['std']:.3f}, mean {info['mean']:.3f} after "
-          f"scaling by {info['scaling_factor']:.5g}; {len(latents.prompts)} prompts; VAE {info['vae_hash']}")
-    return 0
+def register(sub) -> None:
+    group = train_subparsers(sub)
+    register_vae(group)
+    register_teacher(group)
+    register_dreambooth(group)
