@@ -1,5 +1,6 @@
 """Training: learning (not just running), bit-identical resume, multi-process equivalence, bad input."""
 
+import contextlib
 import json
 import os
 import signal
@@ -152,6 +153,52 @@ def test_two_processes_match_one(tmp_path):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = max(float((a[k] - a2[k]).abs().max()) for k in a)
     assert diff < 0.1 * moved, (diff, moved)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_to_one_rank_stops_both_processes_at_the_same_step(tmp_path):
+    """A scheduler's SIGTERM may reach only some ranks: here only rank 1 of 2. Both must stop at the same step
+    (an agreed decision, else they diverge at the next collective), the main process writes a checkpoint, and
+    both exit cleanly (status 0, summary "interrupted"). Before, rank 1 had no handler and died."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(_free_port()), str(HERE / "train_worker.py"), str(run),
+                                 "distill", "100000", "--pids"], env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600  # a generous bound for start-up on a busy machine, not a speed check
+        while not ((run / "checkpoints" / "checkpoint-0000002").is_dir() and (run / "pid-1").is_file()):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(int((run / "pid-1").read_text()), signal.SIGTERM)
+        try:
+            code = proc.wait(120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the processes did not stop within 120 s of SIGTERM to rank 1\n" + log.read_text()[-3000:])
+    finally:
+        if proc.poll() is None:  # torchrun's workers run in sessions of their own: kill them by pid too
+            for pid_file in run.glob("pid-*"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    summaries = [json.loads(line[line.index('{"rank"'):]) for line in text.splitlines() if '{"rank"' in line]
+    assert sorted(s["rank"] for s in summaries) == [0, 1], text[-3000:]
+    assert {s["status"] for s in summaries} == {"interrupted"}, summaries
+    step = summaries[0]["step"]
+    assert summaries[1]["step"] == step and 2 <= step < 100000, summaries
+    assert (run / "checkpoints" / f"checkpoint-{step:07d}" / "trainable.safetensors").is_file()
+    assert json.loads((run / "checkpoints" / f"checkpoint-{step:07d}" / "state.json").read_text())["step"] == step
+    assert not (run / "model").exists() and not (run / "summary.json").exists()
 
 
 def test_task_to_moves_every_frozen_helper(teacher_run):

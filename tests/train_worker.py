@@ -1,11 +1,17 @@
 """A deterministic micro training run, used by tests (also launched under torchrun for 2 processes).
 
-python tests/train_worker.py OUT TASK STEPS [--resume]
+python tests/train_worker.py OUT TASK STEPS [--resume] [--pids]
+
+--pids writes OUT/pid-<rank> (the worker's process id, for tests that signal one rank). Every process prints
+its summary as one JSON line with its rank; an interrupted run exits with status 0 and "status": "interrupted".
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -62,9 +68,14 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     out, kind, steps = argv[0], argv[1], int(argv[2])
     resume = "--resume" in argv
+    rank = int(os.environ.get("RANK", "0"))
+    if "--pids" in argv:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"pid-{rank}").write_text(str(os.getpid()))
     cfg = TrainConfig(out=out, max_steps=steps, batch_size=8, lr=1e-3, checkpoint_every=2, progress=False,
                       keep_checkpoints=10)
-    train(make_task(kind), cfg, resume=resume)
+    summary = train(make_task(kind), cfg, resume=resume)
+    print(json.dumps({"rank": rank, **summary}), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,13 @@ def expand_like(v: Tensor, z: Tensor) -> Tensor:
     return v.to(z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
 
 
+def _closed_form_betas(kind: str, n: int, beta_start: float, beta_end: float) -> Tensor:
+    """diffusers' betas (in float64): linear, or SD's scaled_linear = linspace(sqrt(b0), sqrt(b1), N)^2."""
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """alphabar over the training steps; everything else is derived in float64."""
@@ -34,28 +41,62 @@ class Schedule:
     @classmethod
     def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                       beta_end: float = 0.012) -> "Schedule":
-        # SD: betas = linspace(sqrt(b0), sqrt(b1), N)^2; alphabar_t = prod_{i<=t} (1 - beta_i)
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        return cls.from_betas(_closed_form_betas("scaled_linear", num_train_timesteps, beta_start, beta_end))
+
+    @classmethod
+    def from_betas(cls, betas) -> "Schedule":
+        """alphabar_t = prod_{i<=t} (1 - beta_i); every beta must be in (0, 1) so that 0 < alphabar < 1."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must be a list of at least 2 values in (0, 1) (llcm does not support "
+                             "zero-terminal-SNR schedules: beta = 1 makes alpha 0)")
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "Schedule":
-        """Build from a diffusers scheduler config (only scaled_linear and linear are supported)."""
+        """Build from a diffusers scheduler config: trained_betas (which, as in diffusers, take precedence),
+        or a scaled_linear or linear beta_schedule.
+
+        rescale_betas_zero_snr is refused rather than supported: it makes alpha 0 at t = N-1, where the
+        consistency parameterisation and x0 = (z - sigma eps) / alpha divide by alpha (lambda = -inf).
+        """
+        if config.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr is true: llcm does not support zero-terminal-SNR schedules "
+                             "(its consistency parameterisation and alpha at t=N-1 assume alpha > 0)")
         n = int(config.get("num_train_timesteps", 1000))
+        if config.get("trained_betas") is not None:
+            schedule = cls.from_betas(config["trained_betas"])
+            if schedule.num_train_timesteps != n:
+                raise ValueError(f"trained_betas has {schedule.num_train_timesteps} values but "
+                                 f"num_train_timesteps is {n}")
+            return schedule
         b0, b1 = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
         kind = config.get("beta_schedule", "scaled_linear")
-        if kind == "scaled_linear":
-            return cls.scaled_linear(n, b0, b1)
-        if kind == "linear":
-            betas = torch.linspace(b0, b1, n, dtype=torch.float64)
-            return cls(torch.cumprod(1.0 - betas, dim=0))
-        raise ValueError(f"unsupported beta_schedule {kind!r} (llcm supports scaled_linear and linear)")
+        if kind not in ("scaled_linear", "linear"):
+            raise ValueError(f"unsupported beta_schedule {kind!r} (llcm supports scaled_linear, linear and "
+                             "trained_betas)")
+        return cls.from_betas(_closed_form_betas(kind, n, b0, b1))
+
+    @property
+    def betas(self) -> Tensor:
+        a = self.alphas_cumprod
+        return 1.0 - a / torch.cat([a.new_ones(1), a[:-1]])
 
     def to_diffusers_config(self) -> dict:
-        """The scheduler fields that describe this schedule, for LCMScheduler/DDIMScheduler configs."""
-        betas = 1.0 - self.alphas_cumprod / torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
-        return {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": "scaled_linear",
-                "beta_start": round(float(betas[0]), 8), "beta_end": round(float(betas[-1]), 8)}
+        """The scheduler fields that describe this schedule, for LCMScheduler/DDIMScheduler configs.
+
+        Only alphabar is stored, so the kind is found by rebuilding scaled_linear and linear from the end
+        betas; a schedule that is neither is written as trained_betas.
+        """
+        betas = self.betas
+        n = self.num_train_timesteps
+        for kind in ("scaled_linear", "linear"):
+            config = {"num_train_timesteps": n, "beta_schedule": kind,
+                      "beta_start": float(f"{float(betas[0]):.12g}"), "beta_end": float(f"{float(betas[-1]):.12g}")}
+            rebuilt = torch.cumprod(1.0 - _closed_form_betas(kind, n, config["beta_start"], config["beta_end"]), 0)
+            if torch.allclose(rebuilt, self.alphas_cumprod.to(torch.float64), rtol=0, atol=1e-9):
+                return config
+        return {"num_train_timesteps": n, "trained_betas": betas.tolist()}
 
     @property
     def num_train_timesteps(self) -> int:

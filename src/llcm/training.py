@@ -13,6 +13,7 @@ uninterrupted single-process run (tests/test_training.py checks both).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -315,16 +316,15 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     elif resume and acc.is_main_process:
         print(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
 
-    stop = _StopFlag()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if acc.is_main_process and \
-        _in_main_thread() else {}
+    stop = _StopFlag()  # on every process: schedulers signal all ranks, or sometimes only one
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
     writer = _writer(out, acc.is_main_process)
     log_file = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
     bar = tqdm(total=config.max_steps, initial=step, desc=task.name, disable=not (config.progress and
                acc.is_main_process), dynamic_ncols=True)
     last_loss, t_last, seen_since = float("nan"), time.perf_counter(), 0
     deadline = t_last + 60 * config.time_limit_minutes if config.time_limit_minutes > 0 else math.inf
-    status, timed_out = "finished", False
+    status, timed_out, interrupted = "finished", False, False
     try:
         while step < config.max_steps:
             gen = step_generator(config.seed, step)
@@ -338,7 +338,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                 mb = {k: v.to(acc.device) for k, v in slice_batch(local, micro * local_batch,
                                                                   (micro + 1) * local_batch).items()}
                 sync = micro == config.grad_accum - 1
-                ctx = acc.no_sync(model) if not sync and world > 1 else _nullctx()
+                ctx = acc.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, acc.autocast():
                     loss = task.loss(model, mb).mean() / config.grad_accum
                     acc.backward(loss)
@@ -374,20 +374,23 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                                 writer.add_scalar(f"train/{k}", v, step)
                 if config.sample_every and step % config.sample_every == 0:
                     _save_sample(task, out, step, writer)
-            if deadline < math.inf:  # every process must agree to stop at the same step
-                late = torch.tensor(float(time.perf_counter() > deadline), device=acc.device)
-                timed_out = bool(acc.reduce(late, reduction="sum") > 0)
-            if step % config.checkpoint_every == 0 or step == config.max_steps or stop.signal or timed_out:
+            # every process must agree to stop at the same step, or they diverge at the next collective:
+            # one reduce of both flags (time limit, signal), > 0 when any process raised one
+            flags = torch.tensor([time.perf_counter() > deadline, stop.signal is not None], dtype=torch.float32,
+                                 device=acc.device)
+            timed_out, interrupted = (acc.reduce(flags, reduction="sum") > 0).tolist()
+            if step % config.checkpoint_every == 0 or step == config.max_steps or interrupted or timed_out:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     save_checkpoint(out / "checkpoints", step, task, acc.unwrap_model(model), optimizer,
                                     scheduler, config)
                     _prune(out / "checkpoints", config.keep_checkpoints)
-            if stop.signal:
+            if interrupted:
                 status = "interrupted"
                 if acc.is_main_process:
-                    print(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved. "
-                          "Continue with --resume.", file=sys.stderr)
+                    by = f"signal {stop.signal}" if stop.signal else "a signal to another process"
+                    print(f"\nstopped by {by} at step {step}; checkpoint saved. Continue with --resume.",
+                          file=sys.stderr)
                 break
             if timed_out:
                 if acc.is_main_process:
@@ -439,11 +442,3 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -34,6 +34,18 @@ sample grids in OUT; the final model in OUT/model; --dry-run prints the resolved
 Several processes: accelerate launch --num_processes N -m llcm.cli ... (same global --batch)."""
 
 
+def add_run_options(g) -> None:
+    """The options of every training run, teacher to VAE: precision, seed, checkpoints, resume, limits."""
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise (default 0)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="stop after this much training time and save the model as if finished (default: none)")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (metrics.jsonl still records the run)")
+
+
 def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, help="run folder (config, checkpoints, samples, model)")
@@ -46,15 +58,8 @@ def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help=f"learning rate after the warm-up: constant, or a cosine to 0 at the last step "
                         f"(default {defaults.get('lr_schedule', 'constant')})")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-every", type=int, default=500)
     g.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
-                   help="stop after this much training time and save the model as if finished (default: none)")
-    g.add_argument("--dry-run", action="store_true", help="print the configuration and exit")
-    g.add_argument("--quiet", action="store_true", help="no progress bar (metrics.jsonl still records the run)")
+    add_run_options(g)
     g.add_argument("--preset", default="tiny-cpu", help="named preset for defaults and the tiny architecture "
                    "(tiny-cpu, sd15, sd21-base)")
 
@@ -85,12 +90,19 @@ def load_latents(path: str, components):
     return LatentSet.load(path, expect_vae_hash=model_hash(components.vae))
 
 
+def recorded_args(args: argparse.Namespace, skip: tuple[str, ...] = ("func",)) -> dict:
+    """The options as a run's config.json records them: a path given as absolute by its folder's name only."""
+    from llcm.fileio import record_name
+
+    return {k: record_name(v) if isinstance(v, str) else v for k, v in vars(args).items() if k not in skip}
+
+
 def run_training(task_factory, args, defaults, section):
     from llcm.training import train
 
     cfg = loop_config(args, defaults)
     task = task_factory()
-    extra = {"command": section, "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    extra = {"command": section, "args": recorded_args(args)}
     summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
     if not args.dry_run:
         print(f"{section}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}; "

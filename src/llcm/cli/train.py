@@ -6,9 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from llcm.cli.options import (LOOP_HELP, add_loop_options, load_latents, loop_config, require_folder, run_training,
+from llcm.cli.options import (LOOP_HELP, add_loop_options, add_run_options, load_latents, loop_config, require_folder, run_training,
                               train_subparsers)
+from llcm.cli.options import recorded_args
 from llcm.errors import UserError
+from llcm.fileio import record_name
 from llcm.presets import training_defaults
 
 TRAIN_VAE_HELP = """\
@@ -66,16 +68,9 @@ def register_vae(train_sub) -> None:
                    help="fold each latent channel's train mean/std into the saved VAE so that its latents have "
                         "mean 0, std 1 per channel (diffusion samples start from N(0, I); see llcm.vae)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-batches (default 1)")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise")
     p.add_argument("--eval-split", default="test", help="split for the PSNR report (default test; train if absent)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl rows (default 10)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
-                   help="stop after this much training time and save the model as if finished (default: none)")
-    p.add_argument("--dry-run", action="store_true", help="check the data, print the config, train nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(p)
     p.set_defaults(func=run_train_vae)
 
 
@@ -102,14 +97,14 @@ def run_train_vae(args: argparse.Namespace) -> int:
         raise UserError(f"--anchor-weight must be >= 0, got {args.anchor_weight}")
     if args.init:
         vae = load_vae(args.init)
-        source = {"init": str(args.init)}
+        source = {"init": record_name(args.init)}
     else:
         preset = load_preset(args.preset)
         if not preset.get("vae"):
             raise UserError(f"preset {args.preset!r} has no 'vae' config to build; use --preset tiny-cpu "
                             "or start from a VAE folder with --init")
         vae = build_vae(preset["vae"], seed=args.seed)
-        source = {"preset": args.preset}
+        source = {"preset": record_name(args.preset)}
     f = vae_factor(vae)
     train_split = scan_split(args.data, "train", f)
     eval_split = None
@@ -124,10 +119,11 @@ def run_train_vae(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=not args.quiet,
                       time_limit_minutes=args.time_limit)
     cfg.validate()
-    extra = {"data": str(train_split.root), "data_hash": train_split.data_hash, "train_images": len(train_split),
+    extra = {"data": record_name(args.data), "data_hash": train_split.data_hash, "train_images": len(train_split),
              "eval_split": eval_split.split if eval_split else "train (no test split)",
              "image_size": [train_split.height, train_split.width], "kl_weight": kl_weight,
-             "hard_pixel_weight": args.hard_pixel_weight, "anchor": args.anchor, "anchor_weight": args.anchor_weight,
+             "hard_pixel_weight": args.hard_pixel_weight, "anchor": args.anchor and record_name(args.anchor),
+             "anchor_weight": args.anchor_weight,
              "standardize_latents": args.standardize_latents, **source,
              "vae": {k: v for k, v in vae.config.items() if not k.startswith("_")}}
     if args.dry_run:
@@ -149,17 +145,18 @@ def run_train_vae(args: argparse.Namespace) -> int:
                             f"images are {train_split.width}x{train_split.height}")
         print(f"anchoring the latents of {len(anchor_split)} images of {anchor_split.root}")
         anchor_px = load_pixels(anchor_split)
-        source = {**source, "anchor": str(anchor_split.root), "anchor_data_hash": anchor_split.data_hash}
+        source = {**source, "anchor": record_name(args.anchor), "anchor_data_hash": anchor_split.data_hash}
     anchor_z = None
     if args.anchor_model:
         anchor_z = anchor_samples(args.anchor_model, vae, args.anchor_samples, args.seed,
                                  (train_split.height, train_split.width))
-        source = {**source, "anchor_model": args.anchor_model, "anchor_samples_per_class": args.anchor_samples}
+        source = {**source, "anchor_model": record_name(args.anchor_model),
+                  "anchor_samples_per_class": args.anchor_samples}
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
                    steps=args.steps, standardize_latents=args.standardize_latents,
                    hard_pixel_weight=args.hard_pixel_weight, anchor_pixels=anchor_px, anchor_weight=args.anchor_weight,
                    anchor_latents=anchor_z,
-                   source={"data": str(train_split.root), "data_hash": train_split.data_hash, **source})
+                   source={"data": record_name(args.data), "data_hash": train_split.data_hash, **source})
     try:
         summary = train(task, cfg, resume=args.resume, extra_config=extra)
     except FloatingPointError as exc:
@@ -292,12 +289,13 @@ def register_dreambooth(train_sub) -> None:
 
 def run_dreambooth(args: argparse.Namespace) -> int:
     from llcm.dreambooth import DreamBoothTask, class_rows, slug, write_set_entry
-    from llcm.models import load_components
+    from llcm.models import load_components, model_hash
     from llcm.training import train
 
     d = args._db_defaults
     probe = load_components(args.teacher)
     data = load_latents(args.latents, probe)
+    teacher_hash = model_hash(probe)
     del probe
     wanted = list(dict.fromkeys(data.meta.get("classes") or data.prompts)) if args.classes == "all" \
         else [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -319,13 +317,13 @@ def run_dreambooth(args: argparse.Namespace) -> int:
         cfg = loop_config(args, d)
         cfg.out = str(sub)
         extra = {"command": "dreambooth", "dreambooth": task.record(),
-                 "args": {k: v for k, v in vars(args).items() if k not in ("func", "_db_defaults")}}
+                 "args": recorded_args(args, ("func", "_db_defaults"))}
         summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
         if args.dry_run:
             continue
         print(f"dreambooth {name}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}")
         if summary["status"] == "finished":
-            write_set_entry(out, task, sub / "model", str(Path(args.teacher).resolve()))
+            write_set_entry(out, task, sub / "model", record_name(args.teacher), teacher_hash)
         else:
             status = 1
     return status
