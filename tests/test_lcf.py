@@ -4,6 +4,7 @@ everywhere, and replay of the base's classes. Micro models (tests/train_worker.p
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from llcm.adapter import adapter_record
 from llcm.cli import main
 from llcm.errors import UserError
 from llcm.latents import LatentSet
@@ -91,7 +93,9 @@ def test_adapter_is_small_keeps_the_base_and_equals_the_merged_model(base, laten
     assert full == ["time_embedding.cond_proj.weight"]  # the w-embedding trains in full; no UNet weights
     meta = json.loads((model / "llcm.json").read_text())
     rec = meta["adapter"]
-    assert rec["base"] == str(base.resolve()) and rec["base_hash"] == model_hash(base) and rec["rank"] == 4
+    assert rec["base"] == os.path.relpath(base.resolve(), model.resolve())  # moves with its base
+    assert adapter_record(model)["base"] == str(base.resolve())
+    assert rec["base_hash"] == model_hash(base) and rec["rank"] == 4
     assert meta["classes"] == NEW and meta["k"] == 200 and [meta["w_min"], meta["w_max"]] == [1.0, 3.0]
     assert len(meta["latent_mean"]) == 4
     assert adapter_run["after_train"] == adapter_run["before"]
@@ -136,7 +140,7 @@ def test_an_adapter_folder_is_a_model_for_every_command(base, latents, adapter_r
     out = tmp_path / "chain"
     assert main(["finetune", "--model", str(model), "--latents", str(latents), "--out", str(out),
                  "--lora-rank", "2", "--steps", "1", "--batch", "2", "--quiet"]) == 0
-    rec = json.loads((out / "model" / "llcm.json").read_text())["adapter"]
+    rec = adapter_record(out / "model")
     assert rec["base"] == str(model.resolve()) and rec["base_hash"] == meta["unet_hash"]
     assert main(["generate", NEW[0], "--model", str(out / "model"), "--steps", "1", "--out", str(tmp_path / "g")]) == 0
     # several adapters sit beside one base

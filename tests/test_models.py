@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -69,12 +70,12 @@ def test_clip_tokenizer_cache_dir(tmp_path):
 def test_presets(monkeypatch):
     assert {"tiny-cpu", "sd15", "sd21-base"} <= set(models.list_presets())
     tiny_preset = models.load_preset("tiny-cpu")
-    assert tiny_preset["resolution"] == 64 and tiny_preset["unet"]["time_cond_proj_dim"] is None
-    tiny_preset["resolution"] = 1  # load_preset hands out fresh dicts
-    assert models.load_preset("tiny-cpu")["resolution"] == 64
+    assert tiny_preset["prediction_type"] == "epsilon" and tiny_preset["unet"]["time_cond_proj_dim"] is None
+    tiny_preset["prediction_type"] = "v_prediction"  # load_preset hands out fresh dicts
+    assert models.load_preset("tiny-cpu")["prediction_type"] == "epsilon"
     for name in ("sd15", "sd21-base"):
         preset = models.load_preset(name)
-        assert preset["resolution"] == 512 and preset["prediction_type"] == "epsilon"
+        assert preset["source"] == "folder"
         d = preset["distill"]
         assert (d["learning_rate"], d["ema_decay"], d["skipping_interval_k"]) == (8e-6, 0.95, 20)
         assert (d["w_min"], d["w_max"], d["huber_c"], d["global_batch_size"]) == (5.0, 15.0, 0.001, 1024)
@@ -84,6 +85,22 @@ def test_presets(monkeypatch):
         models.components_from_preset(models.load_preset("sd15"))
     monkeypatch.setattr(models, "load_components", lambda base: ("loaded", base))
     assert models.components_from_preset(models.load_preset("sd21-base"), base="/m") == ("loaded", "/m")
+
+
+def test_every_key_of_every_shipped_preset_is_one_the_code_reads(tmp_path):
+    from llcm.presets import PRESET_KEYS, SECTION_KEYS, training_defaults
+
+    for name in models.list_presets():
+        preset = models.load_preset(name)
+        assert set(preset) <= PRESET_KEYS, name
+        for section in ("teacher", "distill", "finetune"):
+            assert set(preset.get(section, {})) <= set(SECTION_KEYS) | {"_why"}, (name, section)
+        assert set(preset.get("tokenizer", {})) <= {"model_max_length"}, name
+    # and each section key listed is read: a value set in a preset is the default training_defaults gives
+    for i, (key, default) in enumerate(SECTION_KEYS.items()):
+        path = tmp_path / f"p{i}.json"
+        path.write_text(json.dumps({"name": "p", "source": "configs", "distill": {key: f"set-{key}"}}))
+        assert training_defaults(str(path), "distill")[default] == f"set-{key}"
 
 
 # --- tiny components ----------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def test_limits_give_clear_messages(tiny_service):
     for kwargs, msg in ((dict(steps=9), "steps must be between 1 and 8"),
                         (dict(steps=0), "steps must be between 1 and 8"),
                         (dict(n=5), "number of images must be between 1 and 4"),
-                        (dict(w=20.0), "trained range [5.0, 15.0]"),
+                        (dict(w=float("nan")), "w must be a number between 0 and 100"),
+                        (dict(w=-1.0), "w must be a number between 0 and 100"),
                         (dict(height=256), "height must be between 1 and 128"),
                         (dict(seed=-1), "seed must be between"),
                         (dict(prompt="x" * 501), "at most 500 characters")):
@@ -60,6 +61,18 @@ def test_limits_give_clear_messages(tiny_service):
     with pytest.raises(UserError, match="multiple of the VAE factor"):  # refused by the pipeline itself
         s.generate("axial brain MRI", height=30)
     assert not any(s.out.iterdir()), "a refused request must leave nothing behind"
+
+
+def test_w_outside_the_trained_range_is_served_with_the_pipelines_warning(tiny_service):
+    from llcm.serve import summary
+
+    s = tiny_service
+    with pytest.warns(UserWarning, match="outside the trained range") as caught:
+        s.pipe(["x"], steps=1, w=20.0)
+    r = s.generate("axial brain MRI", steps=1, w=20.0)
+    assert r.generations[0].w == 20.0 and r.warnings == [str(caught[0].message)]
+    assert r.warnings[0] in summary(r)  # the page's run info
+    assert s.generate("axial brain MRI", steps=1, w=6.0).warnings == []
 
 
 def test_full_queue_answers_busy_at_once(tiny_service):
@@ -216,13 +229,19 @@ def test_api_generates_pngs_with_metadata_and_refuses_bad_requests(server):
     assert img.size == (server.info["size"],) * 2
     assert img.text["llcm:prompt"] == prompt and img.text["llcm:seed"] == "12"
     assert img.text["llcm:model_hash"] == server.info["model_hash"]
+    assert r["warnings"] == []
+    # a w outside the trained range is advice: served, with the pipeline's warning
+    status, body, _ = server.post({"prompt": prompt, "steps": 1, "seed": 0, "w": server.info["w_max"] + 1})
+    assert status == 200 and len(json.loads(body)["warnings"]) == 1, body
+    assert "outside the trained range" in json.loads(body)["warnings"][0]
     # the same request as a zip: PNGs + generation.json + grid
     status, body, headers = server.post({"prompt": prompt, "steps": 1, "seed": 0, "n": 1}, "?format=zip")
     assert status == 200 and headers["content-type"] == "application/zip"
     assert sorted(zipfile.ZipFile(io.BytesIO(body)).namelist()) == ["000_seed0.png", "generation.json", "grid.png"]
     # limits and unknown fields: 400 with one clear message
     for bad, msg in (({"steps": 9}, "steps must be between 1 and 8"), ({"n": 5}, "number of images"),
-                     ({"height": 1024}, "height must be between 1 and 512"), ({"w": 100}, "trained range"),
+                     ({"height": 1024}, "height must be between 1 and 512"),
+                     ({"w": float("nan")}, "w must be a number between 0 and 100"),
                      ({"out": "/etc"}, "out: Extra inputs are not permitted"), ({"prompt": 3}, "prompt")):
         status, body, _ = server.post({"prompt": "x"} | bad)
         assert status == 400 and msg in json.loads(body)["error"], (bad, body)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from llcm.models import load_components
-from llcm.sampling import cfg_denoiser, consistency_timesteps, make_generators, sample_consistency, sample_ode
+from llcm.sampling import cfg_denoiser, make_generators, sample_consistency, sample_ode
 from llcm.consistency import ConsistencyModel
 from llcm.schedules import Schedule
 from llcm.tasks import DistillTask, FinetuneTask, TeacherTask, prompt_table

@@ -1,11 +1,12 @@
 """LoRA adapters that keep their base: add, merge, save as a small folder, load onto the base again.
 
 An adapter folder holds ``adapter.safetensors`` (peft's LoRA state dict, plus any tensor trained in
-full, such as the w-embedding) and an ``llcm.json`` that names its base model and the base UNet's
-hash. Fine-tuning writes one instead of a full UNet, so one base can carry several adapters and its
-files are never rewritten. :func:`load_adapted` (and so ``load_components`` on an adapter folder)
-loads the base, refuses it if its hash differs from the recorded one, and merges the adapter into
-that in-memory copy. A base may itself be an adapter folder: adapters chain.
+full, such as the w-embedding) and an ``llcm.json`` that names its base model ("default", or its folder
+relative to the adapter folder, so the two can be moved together) and the base UNet's hash. Fine-tuning
+writes one instead of a full UNet, so one base can carry several adapters and its files are never rewritten.
+:func:`load_adapted` (and so ``load_components`` on an adapter folder) loads the base, refuses it if its hash
+differs from the recorded one, and merges the adapter into that in-memory copy. A base may itself be an
+adapter folder: adapters chain.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llcm.errors import UserError
+from llcm.fileio import follow_link, link_to
 from llcm.model_folder import read_meta
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -90,18 +92,25 @@ def is_adapter(folder: str | os.PathLike) -> bool:
 
 
 def adapter_record(folder: str | os.PathLike) -> dict:
-    """The "adapter" entry of an adapter folder's llcm.json (base, base_hash, rank, alpha, target_modules)."""
+    """The "adapter" entry of an adapter folder's llcm.json (base, base_hash, rank, alpha, target_modules), with
+    "base" as a --model argument: "default", or the base folder's absolute path on this machine (llcm.json
+    records it relative to the adapter folder; older adapters: absolute)."""
+    from llcm.pipeline import DEFAULT_MODEL
+
     folder = Path(folder).expanduser()
     if not is_adapter(folder):
         raise UserError(f"{folder} is not an adapter folder (no {ADAPTER_FILE}); pass a full model with --model")
     record = read_meta(folder).get("adapter")
     if not record or not record.get("base") or not record.get("base_hash"):
         raise UserError(f"{folder} has {ADAPTER_FILE} but its llcm.json does not name the base model")
+    if record["base"] != DEFAULT_MODEL:
+        record = {**record, "base": str(follow_link(record["base"], folder))}
     return record
 
 
 def base_spec(given: str | os.PathLike) -> str:
-    """How an adapter records its base: "default" as is, any other folder as an absolute path."""
+    """The base of an adapter about to be trained: "default" as is, any other folder as an absolute path
+    (:func:`save_adapter` records it relative to the adapter folder)."""
     from llcm.pipeline import DEFAULT_MODEL
 
     return DEFAULT_MODEL if str(given) == DEFAULT_MODEL else str(Path(given).expanduser().resolve())
@@ -131,21 +140,25 @@ def save_adapter(unet: nn.Module, folder: str | os.PathLike, config: dict, base:
     """Write an adapter folder atomically: LoRA + fully trained tensors, llcm.json, scheduler config.
 
     ``config`` is the model's llcm.json content (classes, k, w range, latent_mean, ...); ``unet_hash`` is
-    the merged UNet's, the hash the loaded model and its images report.
+    the merged UNet's, the hash the loaded model and its images report. ``base`` ("default" or a folder) is
+    recorded as "default" or relative to `folder`, so the two can be moved together.
     """
     from peft.utils import get_peft_model_state_dict
 
     from llcm import __version__
     from llcm.fileio import atomic_folder
     from llcm.models import model_hash
+    from llcm.pipeline import DEFAULT_MODEL
 
     peft_config = unet.peft_config["default"]
     tensors = dict(get_peft_model_state_dict(unet))
     full = {n.replace(".base_layer.", "."): p for n, p in unet.named_parameters()
             if p.requires_grad and "lora_" not in n}  # e.g. the w-embedding, trained in full
     tensors.update(full)
-    record = {"base": base, "base_hash": base_hash, "rank": int(peft_config.r), "alpha": peft_config.lora_alpha,
-              "target_modules": sorted(peft_config.target_modules), "trained_in_full": sorted(full),
+    recorded_base = base if str(base) == DEFAULT_MODEL else link_to(base, folder)
+    record = {"base": recorded_base, "base_hash": base_hash, "rank": int(peft_config.r),
+              "alpha": peft_config.lora_alpha, "target_modules": sorted(peft_config.target_modules),
+              "trained_in_full": sorted(full),
               "weights": f"{ADAPTER_FILE}: peft LoRA state dict (get_peft_model_state_dict) + tensors trained in full"}
     with atomic_folder(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_FILE),

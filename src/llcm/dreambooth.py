@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from llcm.errors import UserError
+from llcm.fileio import follow_link, link_to, record_name
 from llcm.latents import LatentSet, channel_mean
 from llcm.losses import DenoiserNet, DenoisingLoss
 from llcm.models import Components, encode_prompts
@@ -104,7 +105,8 @@ class DreamBoothTask(TaskBase):
         self.instance_prompt = instance_prompt or f"{rare_token} {self.class_prompt}"
         self.prior_prompt = prior_prompt or self.class_prompt
         self.prior_weight, self.cond_dropout = float(prior_weight), float(cond_dropout)
-        self.source = data.meta.get("source", "")
+        self.source = record_name(data.meta.get("source", ""))  # the data by name (older caches: a path)
+        self.data_hash = data.meta.get("data_hash")
         components.vae.requires_grad_(False)
         components.text_encoder.requires_grad_(False)
         unet = components.unet
@@ -166,13 +168,13 @@ class DreamBoothTask(TaskBase):
         return {"task": "dreambooth", "class": self.class_name, "class_prompt": self.class_prompt,
                 "instance_prompt": self.instance_prompt, "prior_prompt": self.prior_prompt,
                 "prior_weight": self.prior_weight, "instances": len(self.latents), "prior": self.prior_settings,
-                "data": self.source}
+                "data": self.source, "data_hash": self.data_hash}
 
     def save_model(self, folder: Path) -> Path:
-        from llcm.model_folder import LLCMConfig
+        from llcm.model_folder import ModelConfig
         from llcm.pipeline import save_model_folder
 
-        cfg = LLCMConfig(classes=[self.instance_prompt], source=self.record(), latent_mean=self.latent_mean)
+        cfg = ModelConfig(classes=[self.instance_prompt], source=self.record(), latent_mean=self.latent_mean)
         return save_model_folder(self.final_components(), self.schedule, cfg, folder, overwrite=True,
                                  pipeline_class="StableDiffusionPipeline")
 
@@ -202,23 +204,27 @@ def slug(text: str) -> str:
 
 
 def read_set(folder: str | os.PathLike) -> dict:
-    """The dreambooth.json index of a folder: {"classes": {class: {"model": abs path, "prompt", ...}}}."""
+    """The dreambooth.json index of a folder: {"classes": {class: {"model": abs path, "prompt", ...}}}; each
+    model is recorded relative to the folder (older sets: an absolute path, taken as it is)."""
     folder = Path(folder)
     f = folder / INDEX_FILE
     if not f.is_file():
         raise UserError(f"{folder} has no {INDEX_FILE}; train it with `llcm train dreambooth`")
     index = json.loads(f.read_text())
     for entry in index.get("classes", {}).values():
-        entry["model"] = str((folder / entry["model"]).resolve())
+        entry["model"] = str(follow_link(entry["model"], folder))
     return index
 
 
-def write_set_entry(folder: str | os.PathLike, task: DreamBoothTask, model: Path, teacher: str) -> Path:
-    """Add (or replace) one class in OUT/dreambooth.json."""
+def write_set_entry(folder: str | os.PathLike, task: DreamBoothTask, model: Path, teacher: str,
+                    teacher_hash: str | None = None) -> Path:
+    """Add (or replace) one class in OUT/dreambooth.json. `teacher` names the teacher (provenance only: a name,
+    not a path, with its UNet hash); each class's model is recorded relative to OUT."""
     folder = Path(folder)
     f = folder / INDEX_FILE
-    index = json.loads(f.read_text()) if f.is_file() else {"format": SET_FORMAT, "teacher": teacher, "classes": {}}
-    index["classes"][task.class_name] = {"model": os.path.relpath(model, folder), "prompt": task.instance_prompt,
+    index = json.loads(f.read_text()) if f.is_file() else {"format": SET_FORMAT, "teacher": record_name(teacher),
+                                                            "teacher_hash": teacher_hash, "classes": {}}
+    index["classes"][task.class_name] = {"model": link_to(model, folder), "prompt": task.instance_prompt,
                                          **{k: v for k, v in task.record().items() if k != "task"}}
     tmp = f.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(index, indent=2))

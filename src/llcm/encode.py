@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from llcm.errors import UserError
+from llcm.fileio import record_name
 from llcm.images import channel_spread, grayscale_classes
 from llcm.latents import LatentSet
 from llcm.training import writable_folder
@@ -101,7 +102,8 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
         first_class.setdefault(t, c)
     from llcm import __version__
 
-    meta = {**want, "source": str(images.root), "vae_source": str(vae_dir.resolve()),
+    # provenance by name (data_hash and vae_hash identify them), never a path of this machine
+    meta = {**want, "source": record_name(data_dir), "vae_source": record_name(model),
             "classes": [first_class[p] for p in prompts], "image_size": [images.height, images.width],
             "vae_factor": vae_factor(vae), "encoding": "posterior mean x scaling_factor",
             "grayscale": grayscale_classes(np.concatenate(spreads), list(images.texts)),

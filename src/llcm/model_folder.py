@@ -11,22 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llcm.errors import UserError
+from llcm.presets import CONSISTENCY
 
 META = "llcm.json"
 SCHEDULER = Path("scheduler") / "scheduler_config.json"
 
 
 @dataclass
-class LLCMConfig:
-    """What a consistency model needs beyond its diffusers components (llcm.json)."""
+class ModelConfig:
+    """What every llcm model folder's llcm.json holds; a teacher's (or a DreamBooth model's) holds only this."""
 
-    k: int = 20  # skipping interval the model was distilled with
-    w_min: float = 5.0  # trained guidance range (LCM form; SD guidance scale = 1 + w)
-    w_max: float = 15.0
-    w_default: float = 7.0
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0
-    solver: str = "leapfrog"  # the distillation solver, for the record
     classes: list[str] = field(default_factory=list)  # prompts/classes seen in training
     # per-channel mean of the (scaled) training latents: samples start from noise whose channel means are
     # exactly sqrt(alpha_bar_T) mu (llcm.sampling.initial_latents); None for older folders and diffusers ones
@@ -34,12 +28,25 @@ class LLCMConfig:
     latent_mean: list[float] | None = None
     # prompts whose training images were grayscale: their samples are returned as luminance (llcm.images)
     grayscale: list[str] = field(default_factory=list)
-    source: dict = field(default_factory=dict)  # provenance: recipe, data, hashes
+    source: dict = field(default_factory=dict)  # provenance: task, data (a name) and data_hash, ...
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LLCMConfig":
+    def from_dict(cls, d: dict):
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class LLCMConfig(ModelConfig):
+    """What a consistency model needs beyond its diffusers components (llcm.json)."""
+
+    k: int = CONSISTENCY["k"]  # skipping interval the model was distilled with
+    w_min: float = CONSISTENCY["w_min"]  # trained guidance range (LCM form; SD guidance scale = 1 + w)
+    w_max: float = CONSISTENCY["w_max"]
+    w_default: float = 7.0
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    solver: str = "leapfrog"  # the distillation solver, for the record
 
 
 def _json(path: Path) -> dict:

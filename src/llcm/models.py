@@ -322,8 +322,9 @@ def tokenize_prompts(components: Components, prompts: list[str]):
 def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """Text embeddings [B, 77, hidden], computed exactly as diffusers' SD/LCM pipelines' ``prompt_embeds``.
 
-    ``""`` gives the unconditional (null) embedding used by classifier-free guidance. The text
-    encoder is frozen throughout llcm, so no graph is kept.
+    ``""`` gives the unconditional (null) embedding used by classifier-free guidance. No graph is kept:
+    a teacher run that trains the text encoder (``llcm train teacher --train-text-encoder``) encodes
+    its prompts inside its network (:class:`llcm.losses.DenoiserNet`), not here.
     """
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -26,13 +26,12 @@ from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
 from llcm.fileio import atomic_folder
 from llcm.images import luminance_rgb
-from llcm.model_folder import LLCMConfig, read_config, read_schedule
+from llcm.model_folder import LLCMConfig, ModelConfig, read_config, read_schedule
 from llcm.models import Components, encode_prompts, load_components, model_hash
-from llcm.sampling import consistency_timesteps, make_generators, sample_consistency
+from llcm.presets import MAX_BATCH, MAX_W
+from llcm.sampling import consistency_timesteps, make_generators, max_steps, sample_consistency
 from llcm.schedules import Schedule
 
-MAX_BATCH = 64
-MAX_STEPS = 50
 
 
 @dataclass
@@ -102,22 +101,26 @@ class LLCMPipeline:
         return int(c.unet.config.sample_size) * c.vae_scale_factor
 
     # ----------------------------------------------------------------------------- generation
-    def check_request(self, steps: int, w: float, height: int, width: int, batch: int) -> None:
-        """Raise UserError for a request the model cannot serve; warn for w outside the trained range."""
-        grid_len = self.schedule.num_train_timesteps // self.config.k
-        if not 1 <= steps <= min(MAX_STEPS, grid_len):
-            raise UserError(f"steps must be between 1 and {min(MAX_STEPS, grid_len)}, got {steps}")
+    def check_request(self, steps: int, w: float, height: int, width: int, batch: int) -> list[str]:
+        """Raise UserError for a request the model cannot serve; warn for w outside the trained range (advice,
+        not a limit) and return those warnings' texts."""
+        hi = max_steps(self.schedule.num_train_timesteps, self.config.k)
+        if not 1 <= steps <= hi:
+            raise UserError(f"steps must be between 1 and {hi}, got {steps}")
         if not 1 <= batch <= MAX_BATCH:
             raise UserError(f"batch must be between 1 and {MAX_BATCH}, got {batch}")
         f = self.components.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % f:
                 raise UserError(f"{name} must be a positive multiple of the VAE factor {f}, got {v}")
-        if w < 0:
-            raise UserError(f"w must be >= 0 (LCM form; guidance scale = 1 + w), got {w}")
-        if not self.config.w_min <= w <= self.config.w_max:
-            warnings.warn(f"w={w} is outside the trained range [{self.config.w_min}, {self.config.w_max}]; "
-                          "images may be over- or under-guided")
+        if not 0 <= w <= MAX_W:  # NaN fails too
+            raise UserError(f"w must be a number between 0 and {MAX_W:g} (LCM form; guidance scale = 1 + w), got {w}")
+        advice = [] if self.config.w_min <= w <= self.config.w_max else [
+            f"w={w} is outside the trained range [{self.config.w_min}, {self.config.w_max}]; "
+            "images may be over- or under-guided"]
+        for text in advice:
+            warnings.warn(text)
+        return advice
 
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str], steps: int = 4, seeds: Sequence[int] | int | None = None,
@@ -175,16 +178,28 @@ def decode_latents(components: Components, z0: torch.Tensor) -> np.ndarray:
     return image.cpu().permute(0, 2, 3, 1).float().numpy()
 
 
-def lcm_scheduler_config(schedule: Schedule, prediction_type: str, k: int, timestep_scaling: float = 10.0) -> dict:
-    return {"_class_name": "LCMScheduler", **schedule.to_diffusers_config(), "prediction_type": prediction_type,
-            "original_inference_steps": schedule.num_train_timesteps // k, "timestep_scaling": timestep_scaling,
-            "set_alpha_to_one": True, "clip_sample": False, "thresholding": False, "steps_offset": 0,
-            "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
+def lcm_scheduler_config(schedule: Schedule, prediction_type: str, k: int | None,
+                         timestep_scaling: float = 10.0) -> dict:
+    """A model folder's scheduler config: LCMScheduler's for a consistency model distilled with skipping interval
+    k; with k None, a teacher's DDIMScheduler config, without LCM's fields (original_inference_steps,
+    timestep_scaling)."""
+    lcm = {} if k is None else {"original_inference_steps": schedule.num_train_timesteps // k,
+                                "timestep_scaling": timestep_scaling}
+    return {"_class_name": "LCMScheduler" if lcm else "DDIMScheduler", **schedule.to_diffusers_config(),
+            "prediction_type": prediction_type, **lcm, "set_alpha_to_one": True, "clip_sample": False,
+            "thresholding": False, "steps_offset": 0, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
 
 
-def save_model_folder(components: Components, schedule: Schedule, config: LLCMConfig, path: str | os.PathLike,
+def save_model_folder(components: Components, schedule: Schedule, config: ModelConfig, path: str | os.PathLike,
                       overwrite: bool = False, pipeline_class: str = "LatentConsistencyModelPipeline") -> Path:
-    """Save components as a diffusers folder: written to a temporary sibling, then renamed into place."""
+    """Save components as a diffusers folder: written to a temporary sibling, then renamed into place.
+
+    Any other pipeline_class (a teacher's StableDiffusionPipeline) saves a teacher: its llcm.json holds only
+    the fields of :class:`~llcm.model_folder.ModelConfig` (``config`` may be one), its scheduler is DDIM's."""
+    from llcm.fileio import drop_load_paths
+    from llcm.model_folder import ModelConfig
+
+    lcm = pipeline_class == "LatentConsistencyModelPipeline"
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{path} exists and is not empty; choose another folder or pass overwrite")
@@ -194,9 +209,10 @@ def save_model_folder(components: Components, schedule: Schedule, config: LLCMCo
         c.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         c.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         c.tokenizer.save_pretrained(tmp / "tokenizer")
+        drop_load_paths(tmp)
         (tmp / "scheduler").mkdir()
-        sched = lcm_scheduler_config(schedule, c.prediction_type, config.k, config.timestep_scaling)
-        sched["_class_name"] = "LCMScheduler" if pipeline_class == "LatentConsistencyModelPipeline" else "DDIMScheduler"
+        sched = lcm_scheduler_config(schedule, c.prediction_type, config.k if lcm else None,
+                                     getattr(config, "timestep_scaling", 10.0))
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index = {
             "_class_name": pipeline_class, "_diffusers_version": _diffusers_version(),
@@ -208,7 +224,8 @@ def save_model_folder(components: Components, schedule: Schedule, config: LLCMCo
             "requires_safety_checker": False,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        meta = {**config.__dict__, "llcm_version": __version__, "unet_hash": model_hash(c)}
+        fields = config.__dict__ if lcm else {k: getattr(config, k) for k in ModelConfig.__dataclass_fields__}
+        meta = {**fields, "llcm_version": __version__, "unet_hash": model_hash(c)}
         (tmp / "llcm.json").write_text(json.dumps(meta, indent=2))
     return path
 
@@ -265,7 +282,7 @@ def load_pipeline(spec: str | None = None, adapter: str | os.PathLike | None = N
         return LLCMPipeline.from_pretrained(p)
     if spec in list_presets():
         preset = load_preset(spec)
-        if preset.get("base") is not None or not preset.get("buildable", spec.startswith("tiny")):
+        if preset.get("source") != "configs":  # sd15, sd21-base: describe checkpoints the user must have
             raise UserError(f"preset {spec!r} needs a local model folder; pass --model PATH")
         comps = build_tiny_components(preset, seed=0)
         comps = dataclasses.replace(comps, unet=add_guidance_embedding(comps.unet))

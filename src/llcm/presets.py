@@ -22,6 +22,21 @@ FALLBACKS = {"teacher": {"steps": 2000, "batch": 64, "lr": 2e-4},
              "finetune": {"steps": 500, "batch": 32, "lr": 5e-5}}
 CONSISTENCY = {"ema_decay": 0.95, "k": 20, "w_min": 5.0, "w_max": 15.0, "huber_c": 0.001, "loss": "huber"}
 
+# Limits of one generation request, the same for the pipeline, the server and the CLI's --help
+MAX_STEPS = 50  # the most consistency steps (the paper's 1-50: the whole k = 20 grid)
+MAX_BATCH = 64  # the most images in one call
+MAX_W = 100.0  # the largest guidance w (LCM form; guidance scale 101): far beyond any trained range, still finite
+
+# Every key a preset may hold (tests/test_models.py checks the shipped ones hold no other): "name" (messages),
+# "description" (for people), "source", "prediction_type" and the component configs (llcm.models.
+# build_tiny_components / components_from_preset; "vae" also `llcm train vae`), and the training sections.
+PRESET_KEYS = frozenset({"name", "description", "source", "prediction_type", "unet", "vae", "text_encoder",
+                         "tokenizer", "teacher", "distill", "finetune"})
+# A training section's keys -> the default each sets (all that training_defaults reads); "_why" is for people.
+SECTION_KEYS = {"steps": "steps", "global_batch_size": "batch", "learning_rate": "lr", "lr_schedule": "lr_schedule",
+                "ema_decay": "ema_decay", "skipping_interval_k": "k", "w_min": "w_min", "w_max": "w_max",
+                "huber_c": "huber_c", "loss": "loss"}
+
 
 def _configs_dir() -> Any:
     return resources.files("llcm") / "configs"
@@ -47,12 +62,6 @@ def training_defaults(name: str | None, section: str) -> dict:
 
     name=None is the default preset. The preset itself is returned too, under "preset"."""
     preset = load_preset(name or DEFAULT_PRESET)
-    sec, base = preset.get(section, {}), FALLBACKS[section]
-    return {
-        "steps": sec.get("steps", base["steps"]), "batch": sec.get("global_batch_size", base["batch"]),
-        "lr": sec.get("learning_rate", base["lr"]), "ema_decay": sec.get("ema_decay", CONSISTENCY["ema_decay"]),
-        "k": sec.get("skipping_interval_k", CONSISTENCY["k"]), "w_min": sec.get("w_min", CONSISTENCY["w_min"]),
-        "w_max": sec.get("w_max", CONSISTENCY["w_max"]), "huber_c": sec.get("huber_c", CONSISTENCY["huber_c"]),
-        "loss": sec.get("loss", CONSISTENCY["loss"]), "preset": preset,
-        "lr_schedule": sec.get("lr_schedule", "constant"),
-    }
+    defaults = {**FALLBACKS[section], **CONSISTENCY, "lr_schedule": "constant"}
+    defaults.update({SECTION_KEYS[k]: v for k, v in preset.get(section, {}).items() if k in SECTION_KEYS})
+    return {**defaults, "preset": preset}

@@ -19,17 +19,28 @@ import numpy as np
 import torch
 
 from llcm.consistency import ConsistencyModel
+from llcm.presets import MAX_STEPS
 from llcm.schedules import Schedule, expand_like, prediction_to_x0_eps
 from llcm.solvers import get_solver
 
 Tensor = torch.Tensor
 
 
+
+
+def max_steps(num_train_timesteps: int = 1000, k: int = 20) -> int:
+    """The most consistency steps on the k-skipping grid: one per grid point, at most MAX_STEPS.
+
+    The one bound of the pipeline, the server's limits and :func:`consistency_timesteps`."""
+    return min(MAX_STEPS, num_train_timesteps // k)
+
+
 def consistency_timesteps(num_steps: int, num_train_timesteps: int = 1000, k: int = 20) -> list[int]:
     """The LCM inference timesteps for `num_steps` steps on the k-skipping grid."""
+    hi = max_steps(num_train_timesteps, k)
+    if not 1 <= num_steps <= hi:
+        raise ValueError(f"steps must be between 1 and {hi} (the k={k} skipping grid), got {num_steps}")
     grid_len = num_train_timesteps // k
-    if not 1 <= num_steps <= grid_len:
-        raise ValueError(f"steps must be between 1 and {grid_len} (the k={k} skipping grid), got {num_steps}")
     grid = (np.arange(1, grid_len + 1) * k - 1)[::-1]
     idx = np.floor(np.linspace(0, grid_len, num_steps, endpoint=False)).astype(np.int64)
     return [int(t) for t in grid[idx]]
@@ -151,5 +162,5 @@ def sample_ode(denoise: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], sched
     return x0
 
 
-__all__ = ["consistency_timesteps", "teacher_timesteps", "make_generators", "draw_noise", "initial_latents",
-           "sample_consistency", "cfg_denoiser", "sample_ode"]
+__all__ = ["MAX_STEPS", "max_steps", "consistency_timesteps", "teacher_timesteps", "make_generators", "draw_noise",
+           "initial_latents", "sample_consistency", "cfg_denoiser", "sample_ode"]

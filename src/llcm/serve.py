@@ -2,10 +2,11 @@
 
 Three layers, each small:
 
-* :class:`Service` checks a request against :class:`Limits`, admits at most ``limits.queue`` requests
-  at a time (running or waiting; the next one gets :class:`Busy` at once), runs them one by one
-  through the pipeline and writes the PNGs with ``llcm.images.write_images`` into a fresh
-  folder under the output folder, plus a zip of that folder. No model logic lives here.
+* :class:`Service` checks a request against :class:`Limits` and the pipeline's own checks (whose
+  warnings, e.g. a w outside the trained range, go back with the answer), admits at most
+  ``limits.queue`` requests at a time (running or waiting; the next one gets :class:`Busy` at once),
+  runs them one by one through the pipeline and writes the PNGs with ``llcm.images.write_images``
+  into a fresh folder under the output folder, plus a zip of that folder. No model logic lives here.
 * :func:`build_page` is the Gradio page: prompt (the model's classes as examples), steps, seed and
   randomize, guidance within the trained range, number of images, a gallery, a zip download, the
   same seed at 1, 2, 4 and 8 steps side by side, and the model's facts and card.
@@ -38,6 +39,7 @@ from typing import Iterator
 
 from llcm.images import write_images
 from llcm.errors import UserError
+from llcm.sampling import max_steps
 
 COMPARE_STEPS = (1, 2, 4, 8)
 MAX_PROMPT_CHARS = 500
@@ -68,6 +70,7 @@ class Result:
     zip: Path
     seconds: float
     generations: list = field(default_factory=list)  # llcm.pipeline.Generation, one per pipeline call
+    warnings: list[str] = field(default_factory=list)  # the pipeline's advice (w outside the trained range)
 
 
 def is_loopback(host: str) -> bool:
@@ -113,17 +116,17 @@ class Service:
     # ----------------------------------------------------------------------------- requests
     @property
     def steps_range(self) -> tuple[int, int]:
-        grid_len = self.pipe.schedule.num_train_timesteps // self.pipe.config.k
-        return 1, min(self.limits.max_steps, grid_len)
+        return 1, min(self.limits.max_steps, max_steps(self.pipe.schedule.num_train_timesteps, self.pipe.config.k))
 
     @property
     def compare_steps(self) -> list[int]:
         return [s for s in COMPARE_STEPS if s <= self.steps_range[1]]
 
     def check(self, prompt: str, steps: int, seed: int, w: float | None, n: int,
-              height: int | None = None, width: int | None = None) -> float:
-        """Raise UserError for a request outside the limits; return the guidance w to use."""
-        cfg, lim = self.pipe.config, self.limits
+              height: int | None = None, width: int | None = None) -> tuple[float, list[str]]:
+        """Raise UserError for a request outside the limits or one the pipeline refuses; return the guidance w
+        to use and the pipeline's warnings (a w outside the model's trained range is advice, not a limit)."""
+        lim = self.limits
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise UserError(f"the prompt must be text of at most {MAX_PROMPT_CHARS} characters")
         lo, hi = self.steps_range
@@ -133,13 +136,12 @@ class Service:
             raise UserError(f"number of images must be between 1 and {lim.max_images}, got {n}")
         if not 0 <= seed <= MAX_SEED - n:
             raise UserError(f"seed must be between 0 and {MAX_SEED - n}, got {seed}")
-        w = cfg.w_default if w is None else float(w)
-        if not cfg.w_min <= w <= cfg.w_max:
-            raise UserError(f"guidance w must be within the model's trained range [{cfg.w_min}, {cfg.w_max}], got {w}")
         for name, v in (("height", height), ("width", width)):
             if v is not None and not 1 <= v <= lim.max_size:
                 raise UserError(f"{name} must be between 1 and {lim.max_size} pixels, got {v}")
-        return w
+        w = self.pipe.config.w_default if w is None else float(w)
+        size = self.pipe.default_size()
+        return w, self.pipe.check_request(steps, w, height or size, width or size, n)
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
@@ -156,16 +158,16 @@ class Service:
     def generate(self, prompt: str, steps: int = 4, seed: int = 0, w: float | None = None, n: int = 1,
                  height: int | None = None, width: int | None = None) -> Result:
         """`n` images of one prompt, seeds seed..seed+n-1, as in `llcm generate --batch n`."""
-        w = self.check(prompt, steps, seed, w, n, height, width)
+        w, advice = self.check(prompt, steps, seed, w, n, height, width)
         with self.request_folder() as folder:
             t0 = time.perf_counter()
             gen = self.pipe([prompt] * n, steps=steps, seeds=seed, w=w, height=height, width=width)
             files = write_images(gen, folder, self.pipe.name)
-            return self._finish(folder, files, [f"seed {s}" for s in gen.seeds], [gen], t0)
+            return self._finish(folder, files, [f"seed {s}" for s in gen.seeds], [gen], t0, advice)
 
     def compare(self, prompt: str, seed: int = 0, w: float | None = None) -> Result:
         """One seed at 1, 2, 4 and 8 steps (those within the limits), as in the LCM paper's Fig. 1."""
-        w = self.check(prompt, 1, seed, w, 1)
+        w, advice = self.check(prompt, 1, seed, w, 1)
         with self.request_folder() as folder:
             t0 = time.perf_counter()
             files, captions, gens = [], [], []
@@ -174,7 +176,7 @@ class Service:
                 files += write_images(gen, folder / f"steps-{steps}", self.pipe.name)
                 captions.append(f"{steps} step{'s' * (steps > 1)}")
                 gens.append(gen)
-            return self._finish(folder, files, captions, gens, t0)
+            return self._finish(folder, files, captions, gens, t0, advice)
 
     @contextmanager
     def request_folder(self) -> Iterator[Path]:
@@ -193,13 +195,14 @@ class Service:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
 
-    def _finish(self, folder: Path, files: list[Path], captions: list[str], gens: list, t0: float) -> Result:
+    def _finish(self, folder: Path, files: list[Path], captions: list[str], gens: list, t0: float,
+                advice: list[str]) -> Result:
         archive = folder / f"llcm-{folder.name}.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
             for p in sorted(folder.rglob("*")):
                 if p.is_file() and p != archive:
                     z.write(p, p.relative_to(folder).as_posix())
-        return Result(folder.name, folder, files, captions, archive, time.perf_counter() - t0, gens)
+        return Result(folder.name, folder, files, captions, archive, time.perf_counter() - t0, gens, advice)
 
     # ----------------------------------------------------------------------------- facts
     def info(self) -> dict:
@@ -308,7 +311,8 @@ def summary(r: Result) -> str:
     g = r.generations[-1]
     steps = ", ".join(str(x.steps) for x in r.generations)
     return (f"{len(r.files)} image{'s' * (len(r.files) > 1)} in {r.seconds:.1f} s · steps {steps} · "
-            f"w {g.w} · model hash `{g.model_hash}` · saved as `{r.request_id}` in the server's output folder")
+            f"w {g.w} · model hash `{g.model_hash}` · saved as `{r.request_id}` in the server's output folder"
+            + "".join(f"\n\n⚠️ {text}" for text in r.warnings))
 
 
 # ================================================================================= the app
@@ -357,6 +361,7 @@ def build_app(service: Service, banner: str = ""):
         g = r.generations[0]
         return {"request": r.request_id, "prompt": req.prompt, "steps": g.steps, "w": g.w, "timesteps": g.timesteps,
                 "model": service.pipe.name, "model_hash": g.model_hash, "seconds": round(r.seconds, 3),
+                "warnings": r.warnings,
                 "images": [{"seed": s, "file": f.name, "png_base64": base64.b64encode(f.read_bytes()).decode()}
                            for s, f in zip(g.seeds, r.files)]}
 

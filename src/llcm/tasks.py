@@ -20,6 +20,7 @@ from torch import nn
 from llcm.adapter import add_lora, merged_unet
 from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
+from llcm.fileio import record_name
 from llcm.latents import LatentSet, channel_mean
 from llcm.losses import ConsistencyDistillationLoss, ConsistencyFinetuneLoss, DenoiserNet, DenoisingLoss
 from llcm.models import Components, add_guidance_embedding, encode_prompts, tokenize_prompts
@@ -28,6 +29,14 @@ from llcm.solvers import get_solver
 from llcm.training import TaskBase
 
 Tensor = torch.Tensor
+
+
+def data_source(task: str, data: LatentSet) -> dict:
+    """A model's provenance in llcm.json: the task, and the latents' data by name (a cache written before
+    llcm recorded names gives an absolute path: its last part) with the data_hash that identifies it."""
+    meta = data.meta
+    return {"task": task, "data": record_name(meta.get("source", "")),
+            **({"data_hash": meta["data_hash"]} if "data_hash" in meta else {})}
 
 
 @torch.no_grad()
@@ -104,11 +113,11 @@ class TeacherTask(_PromptData):
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
     def save_model(self, folder: Path) -> Path:
-        from llcm.model_folder import LLCMConfig
+        from llcm.model_folder import ModelConfig
         from llcm.pipeline import save_model_folder
 
-        cfg = LLCMConfig(classes=list(dict.fromkeys(self.data.prompts)), source={"task": "teacher"},
-                         latent_mean=channel_mean(self.data.latents))
+        cfg = ModelConfig(classes=list(dict.fromkeys(self.data.prompts)), source=data_source("teacher", self.data),
+                          latent_mean=channel_mean(self.data.latents))
         return save_model_folder(self.final_components(), self.schedule, cfg, folder, overwrite=True,
                                  pipeline_class="StableDiffusionPipeline")
 
@@ -216,7 +225,7 @@ class _ConsistencyTask(_PromptData):
                           w_default=round(min(max(7.0, self.w_min), self.w_max), 3),
                           solver=getattr(self, "solver_name", "none (LCF)"),
                           classes=list(dict.fromkeys(self.data.prompts)),
-                          source={"task": self.name, "data": self.data.meta.get("source", "")},
+                          source=data_source(self.name, self.data),
                           latent_mean=channel_mean(self.data.latents),
                           grayscale=sorted(set(self.data.meta.get("grayscale", [])) | set(self.grayscale_inherited)))
 
@@ -357,7 +366,8 @@ class FinetuneTask(_ConsistencyTask):
         cfg.latent_mean = [round(v, 6) for v in mean]
         cfg.classes = list(dict.fromkeys(cfg.classes + list(self.replay.prompts)))
         meta = {k: v for k, v in self.replay.meta.items() if k in ("origin", "base_hash", "per_class", "seed",
-                                                                     "steps", "w", "source")}
+                                                                     "steps", "w", "source", "data_hash")}
+        meta.update({k: record_name(meta[k]) for k in ("origin", "source") if k in meta})  # older caches: paths
         cfg.source["replay"] = {"fraction": f, "latents": len(self.replay), "classes": list(self.replay.prompts),
                                 **meta}
         return cfg

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llcm.errors import UserError
+from llcm.fileio import record_name
 
 Tensor = torch.Tensor
 
@@ -229,10 +230,15 @@ def save_checkpoint(folder: Path, step: int, task: Task, trainable: nn.Module, o
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))
     (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                "config": dataclasses.asdict(config), "task": task.name}))
+                                                "config": _recorded(config), "task": task.name}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def _recorded(config: TrainConfig) -> dict:
+    """The configuration as saved files record it: the run folder by name (llcm.fileio.record_name)."""
+    return {**dataclasses.asdict(config), "out": record_name(config.out)}
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -285,7 +291,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
         raise UserError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
                         f"({world} x {config.grad_accum})")
     out = Path(config.out)
-    record = {"task": task.name, "train": dataclasses.asdict(config), "processes": world,
+    record = {"task": task.name, "train": _recorded(config), "processes": world,
               "device": str(acc.device), **(extra_config or {})}
     if acc.is_main_process:
         print(json.dumps(record, indent=2, default=str))
@@ -414,7 +420,8 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
             folder = task.save_model(out / "model")
             summary["model"] = str(folder)
             _save_sample(task, out, step, writer)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            saved = {**summary, "out": record_name(summary["out"]), "model": record_name(summary["model"])}
+            (out / "summary.json").write_text(json.dumps(saved, indent=2))
     if writer:
         writer.close()
     return summary

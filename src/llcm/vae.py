@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from llcm.errors import UserError
-from llcm.fileio import atomic_folder
+from llcm.fileio import atomic_folder, drop_load_paths
 from llcm.training import TaskBase
 
 Tensor = torch.Tensor
@@ -517,6 +517,7 @@ class VAETask(TaskBase):
         folder = Path(folder)
         with atomic_folder(folder) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
+            drop_load_paths(tmp)  # an --init VAE would record the path it was loaded from
             (tmp / "vae_report.json").write_text(json.dumps(report, indent=2))
         self.report = report
         return folder

@@ -140,6 +140,7 @@ def register_finetune(sub) -> None:
 
 def run_finetune(args) -> int:
     from llcm.adapter import base_spec
+    from llcm.fileio import record_name
     from llcm.model_folder import read_meta
     from llcm.models import load_components
     from llcm.pipeline import resolve_model
@@ -162,7 +163,7 @@ def run_finetune(args) -> int:
     if args.replay > 0 and args.replay_latents:
         require_folder(args.replay_latents, "replay latent cache", "give the base model's training latents")
         replay = load_latents(args.replay_latents, model)
-        replay.meta["origin"] = str(Path(args.replay_latents).resolve())
+        replay.meta["origin"] = record_name(args.replay_latents)  # with the cache's data_hash, not a path
     elif args.replay > 0 and not args.dry_run:
         cache = Path(args.out) / CACHE
         replay, fresh = load_or_sample(cache, model, cfg, tuple(data.latents.shape[1:]), args.replay_per_class,

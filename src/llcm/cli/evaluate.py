@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from llcm.errors import UserError
+from llcm.presets import MAX_BATCH
 
 EVAL_HELP = """\
 Generate images per class and step count for each model (or read them), then score them against the real
@@ -73,7 +74,7 @@ def register(sub) -> None:
                    "(default 6.5 = SD guidance scale 7.5)")
     p.add_argument("--k", type=str, default=None, help="consistency sampling grids to sweep, e.g. 10,20,50 "
                    "(default: each model's own k)")
-    p.add_argument("--batch", type=int, default=32, help="images per sampling batch (default 32, at most 64)")
+    p.add_argument("--batch", type=int, default=32, help=f"images per sampling batch (default 32, at most {MAX_BATCH})")
     p.add_argument("--no-memorization", action="store_true", help="skip the memorization check")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier-accuracy check")
     p.add_argument("--classifier-epochs", type=int, default=None,  # None: classifier.DEFAULT_EPOCHS (no torch here)

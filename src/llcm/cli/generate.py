@@ -7,11 +7,13 @@ import warnings
 from pathlib import Path
 
 from llcm.errors import UserError
+from llcm.presets import MAX_BATCH, MAX_STEPS, MAX_W
 
-HELP = """\
-Generate medical images from text prompts with a latent consistency model in 1-8 steps
-(up to 50). Each PNG carries its prompt, seed, step count, guidance w and the model hash in its
-metadata, so any single image can be regenerated; a grid.png and generation.json sit beside them.
+HELP = f"""\
+Generate medical images from text prompts with a latent consistency model in 1-8 steps (at most
+{MAX_STEPS}, and one per point of the model's skipping grid: 1000 // k). Each PNG carries its prompt, seed,
+step count, guidance w and the model hash in its metadata, so any single image can be regenerated;
+a grid.png and generation.json sit beside them.
 
 examples:
   llcm generate "axial brain MRI, T1-weighted"          default model, 4 steps, seed 0
@@ -22,7 +24,8 @@ examples:
   llcm generate "dog thorax X-ray" --model default --adapter runs/lcf-dog/model
 
 w is the guidance scale in LCM form (Stable Diffusion's guidance_scale = 1 + w); a value outside the
-range the model was distilled with triggers a warning. An empty prompt "" is unconditional.
+range the model was distilled with gets a warning (advice, not a limit); a negative, infinite, NaN or
+larger than {MAX_W:g} is refused. An empty prompt "" is unconditional.
 """
 
 
@@ -39,9 +42,11 @@ def register(sub) -> None:
                    help="an adapter folder from `llcm finetune --lora-rank`: merged into a copy of the base in "
                         "memory (the base's files are only read). The base is --model, else the one the adapter "
                         "records; a base whose UNet hash differs from the recorded one is refused")
-    p.add_argument("--steps", type=int, default=4, help="consistency steps, 1-50 (default 4)")
+    p.add_argument("--steps", type=int, default=4,
+                   help=f"consistency steps (default 4): at most {MAX_STEPS}, and one per point of the model's skipping "
+                        "grid (1000 // k)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1, at most 64 in all)")
+    p.add_argument("--batch", type=int, default=1, help=f"images per prompt (default 1, at most {MAX_BATCH} in all)")
     p.add_argument("--w", type=float, default=None, help="guidance scale, LCM form (default: the model's)")
     p.add_argument("--keep-colour", action="store_true",
                    help="keep the RGB samples of a grayscale class (by default a prompt whose training images "

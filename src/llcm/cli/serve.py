@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 
 from llcm.errors import UserError
+from llcm.presets import MAX_BATCH, MAX_STEPS
 
 HELP = """\
 Serve a web page and an HTTP API that generate images with a latent consistency model: prompt, steps,
@@ -39,8 +40,10 @@ def register(sub) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; anything else is exposed)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--out", default="out/serve", help="the only folder images are written to (default out/serve)")
-    p.add_argument("--max-steps", type=int, default=8, help="most steps a request may ask for (default 8, at most 50)")
-    p.add_argument("--max-images", type=int, default=4, help="most images per request (default 4, at most 64)")
+    p.add_argument("--max-steps", type=int, default=8,
+                   help=f"most steps a request may ask for (default 8, at most {MAX_STEPS}; the model's own limit, one per "
+                        "point of its skipping grid, applies too)")
+    p.add_argument("--max-images", type=int, default=4, help=f"most images per request (default 4, at most {MAX_BATCH})")
     p.add_argument("--max-size", type=int, default=1024, help="largest height/width in pixels (default 1024)")
     p.add_argument("--queue", type=int, default=8,
                    help="requests running or waiting at once; more get a busy answer (default 8, at most 64)")
@@ -50,7 +53,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise UserError("llcm serve needs the ui extra: pip install 'llcm[ui]'")
-    from llcm.pipeline import MAX_BATCH, MAX_STEPS
     from llcm.serve import Limits, serve
 
     for name, v, hi in (("--max-steps", args.max_steps, MAX_STEPS), ("--max-images", args.max_images, MAX_BATCH),

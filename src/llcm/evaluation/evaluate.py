@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from llcm.errors import UserError
+from llcm.fileio import record_name
 from llcm.model_folder import read_config, read_meta, read_schedule
 from llcm.evaluation.classifier import DEFAULT_EPOCHS as CLASSIFIER_EPOCHS
 
@@ -127,6 +128,9 @@ class EvalConfig:
             raise UserError(f"--batch must be between 1 and 64, got {self.batch_size}")
         if any(s < 1 for s in self.steps):
             raise UserError("--steps must be positive integers")
+        for flag, w in (("--w", self.w), ("--teacher-w", self.teacher_w)):
+            if w is not None and not 0 <= w < float("inf"):  # NaN fails too
+                raise UserError(f"{flag} must be a finite number >= 0 (LCM form), got {w}")
         names = Counter((m.name, m.sampler) for m in self.models)
         if any(v > 1 for v in names.values()):
             dup = [k for k, v in names.items() if v > 1][0]
@@ -358,7 +362,7 @@ def nfe(run: Run, w: float) -> int | None:
 def run_identity(run: Run, cfg: EvalConfig) -> dict:
     """What a run's images depend on: a run folder made with anything else is refused, never mixed."""
     if run.kind == "images":
-        return {"model": run.model, "path": run.path, "kind": run.kind, "steps": run.steps}
+        return {"model": run.model, "path": record_name(run.path), "kind": run.kind, "steps": run.steps}
     folder = Path(run.path)
     if run.kind == "dreambooth":
         from llcm.dreambooth import read_set
@@ -387,8 +391,8 @@ def run_identity(run: Run, cfg: EvalConfig) -> dict:
         from llcm.sampling import teacher_timesteps
 
         w, ts = (cfg.teacher_w if cfg.w is None else cfg.w), teacher_timesteps(run.steps, n_train)
-    return {"model": run.model, "path": run.path, "kind": run.kind, "sampler": run.sampler, "steps": run.steps,
-            "w": float(w), "timesteps": ts, "model_hash": model_hash, "seed0": cfg.seed,
+    return {"model": run.model, "path": record_name(run.path), "kind": run.kind, "sampler": run.sampler,
+            "steps": run.steps, "w": float(w), "timesteps": ts, "model_hash": model_hash, "seed0": cfg.seed,
             "seed_rule": f"seed = {cfg.seed} + class_index * {SEED_STRIDE} + i", "nfe": nfe(run, float(w)), **extra}
 
 
@@ -637,7 +641,7 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
             "images_dir": os.path.relpath(run_dir(out, run), out), "timing": run_timing(out, run),
             "seconds_per_image": run_timing(out, run)["seconds_per_image"],
             "metrics": overall, "per_class": per_class,
-            "grid": _grid_files(pairs, classes, cfg.grid_seeds, out),
+            "grid": _grid_files(pairs, cfg.grid_seeds, out),
         })
         all_gen_paths += paths
         gen_labels += labels.tolist()
@@ -661,7 +665,7 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
                                                  classes, device)
     results["extractor"] = {"name": ex.name, "dim": ex.dim, "description": ex.description,
                             "weights_sha1": getattr(ex, "sha1", None),
-                            "weights_file": str(getattr(ex, "weights_path", "")) or None}
+                            "weights_file": record_name(getattr(ex, "weights_path", None) or "") or None}
     results["real"] = {"split": cfg.test_split, "n": int(real.n), "cache_key": real.key,
                        "per_class_n": {c.name: int((test_labels == c.name).sum()) for c in classes}}
     return results
@@ -722,7 +726,7 @@ def classifier_check(cfg: EvalConfig, out: Path, test_paths: list[str], test_lab
     }
 
 
-def _grid_files(pairs, classes, n_seeds: int, out: Path) -> dict[str, list[str]]:
+def _grid_files(pairs, n_seeds: int, out: Path) -> dict[str, list[str]]:
     """The first n_seeds images of each class (relative to out when inside it), for the report's grids."""
     grid: dict[str, list[str]] = {}
     for c, p in pairs:
@@ -756,14 +760,14 @@ def memorization(cfg: EvalConfig, out: Path, extractor: str, gen_paths: list[str
     for key in ("top_by_ssim", "top_by_cosine"):
         for p in summary[key]:
             p["gen_path"] = os.path.relpath(gen_paths[p["gen"]], out)
-            p["train_path"] = train_paths[p["train"]]
+            p["train_path"] = os.path.relpath(train_paths[p["train"]], out)  # a link for the report, not a path
             p["run"] = runs_out[int(owner[p["gen"]])]["key"]
     summary["train_split"] = cfg.train_split
     summary["n_train"] = len(train_paths)
     summary["warnings"] = [str(w.message) for w in caught]
+    nearest = np.where(rep.ssim >= rep.ssim_threshold, rep.ssim_index, rep.feature_index)
     summary["flagged_images"] = [{"gen_path": os.path.relpath(gen_paths[g], out),
-                                  "train_path": train_paths[int(rep.ssim_index[g] if rep.ssim[g] >= rep.ssim_threshold
-                                                                 else rep.feature_index[g])],
+                                  "train_path": os.path.relpath(train_paths[int(nearest[g])], out),
                                   "ssim": float(rep.ssim[g]), "cosine": float(rep.feature_cosine[g])}
                                  for g in np.flatnonzero(flagged)[:200]]
     return summary
@@ -823,8 +827,8 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
     results = measure(cfg, runs, classes, test_rows, train_rows, device)
     results = {
         "format": RESULTS_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": cfg.command, "argv": list(sys.argv), "versions": versions(),
-        "settings": {"data": str(Path(cfg.data).resolve()), "test_split": cfg.test_split,
+        "command": cfg.command, "argv": [record_name(a) for a in sys.argv], "versions": versions(),
+        "settings": {"data": record_name(cfg.data), "test_split": cfg.test_split,
                      "train_split": cfg.train_split, "per_class": cfg.per_class, "steps": list(cfg.steps),
                      "ks": [k for k in cfg.ks], "seed": cfg.seed,
                      "seed_rule": f"seed = {cfg.seed} + class_index * {SEED_STRIDE} + i", "w": cfg.w,
@@ -833,7 +837,7 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
                      "classifier_epochs": cfg.classifier_epochs if cfg.classifier else None,
                      "nfe_rule": "UNet evaluations per image (CFG counts 2)"},
         "classes": [dataclasses.asdict(c) for c in classes],
-        "models": [dataclasses.asdict(m) for m in cfg.models],
+        "models": [{**dataclasses.asdict(m), "path": record_name(m.path)} for m in cfg.models],
         **results,
         "timing": {"generation_seconds_this_session": gen_seconds, "generated_this_session": gen["generated"],
                    "skipped_existing": gen["skipped"], "measure_seconds": time.perf_counter() - t1},
