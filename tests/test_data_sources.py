@@ -77,10 +77,10 @@ def test_zip_extraction_is_contained(tmp_path):
         zf.writestr("big.bin", b"\0" * 5000)
     dest = tmp_path / "x" / "out"
     info = extract_archive(z, dest, max_bytes=4000)
-    assert info == {"unsafe": 5}
+    assert info == {"unsafe": 4, "too_large": 1}
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert files == ["a.zip", "x/out/.llcm-extracted", "x/out/ok/one.png"]
-    assert extract_archive(z, dest) == {"unsafe": 5}  # done marker: not extracted again
+    assert extract_archive(z, dest) == {"unsafe": 4, "too_large": 1}  # done marker: not extracted again
 
 
 def test_tar_extraction_skips_links_and_devices(tmp_path):
@@ -97,7 +97,7 @@ def test_tar_extraction_skips_links_and_devices(tmp_path):
             info.type, info.linkname = kind, "/etc/passwd"
             tf.addfile(info)
     info = extract_archive(t, tmp_path / "dest")
-    assert info == {"unsafe": 4}
+    assert info == {"unsafe": 4, "too_large": 0}
     assert sorted(p.name for p in (tmp_path / "dest").rglob("*") if p.is_file()) == [".llcm-extracted", "one.png"]
 
 

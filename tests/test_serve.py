@@ -263,6 +263,19 @@ def test_api_generates_pngs_with_metadata_and_refuses_bad_requests(server):
     assert stray == [] and not any(server.cwd.iterdir())
 
 
+def test_api_refuses_wrongly_typed_fields_with_one_line(server):
+    # a bool is an int in Python, "4" and 4.0 convert: each would run a request nobody asked for
+    for bad, field in (({"steps": True}, "steps"), ({"n": "2"}, "n"), ({"seed": 1.5}, "seed"),
+                       ({"height": 64.0}, "height"), ({"w": True}, "w"), ({"prompt": ["x"]}, "prompt")):
+        status, body, _ = server.post({"prompt": "x"} | bad)
+        error = json.loads(body)["error"]
+        assert status == 400 and error.startswith(f"bad request: {field}: ") and "\n" not in error, (bad, body)
+    # the work of one request is bounded: a big image at many steps is refused, with what fits
+    status, body, _ = server.post({"prompt": "x", "steps": 8, "n": 4, "height": 512, "width": 512})
+    assert status == 400 and "pixel-steps, over this server's budget" in json.loads(body)["error"], body
+    assert server.info["limits"]["pixel_steps"] == server.info["size"] ** 2 * 8 * 4
+
+
 def find_chromium() -> str | None:
     path = os.environ.get("LLCM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     return path if path and Path(path).exists() else None

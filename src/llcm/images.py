@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,9 @@ def luminance_rgb(images: np.ndarray) -> np.ndarray:
 
 def write_images(result, out: Path, model_name: str, overwrite: bool = False) -> list[Path]:
     """One PNG per image of a Generation (prompt, seed, steps, w, timesteps, model hash in its text chunks),
-    written atomically, plus grid.png and generation.json; an existing file is refused unless overwrite."""
+    plus grid.png and generation.json. An existing file (or link) of any of these names is refused unless
+    overwrite. Every file is written to a new temporary file in `out` and renamed over its name, so a link
+    placed there is replaced, never followed out of `out`."""
     from PIL.PngImagePlugin import PngInfo
 
     from llcm import __version__
@@ -54,7 +58,7 @@ def write_images(result, out: Path, model_name: str, overwrite: bool = False) ->
     out.mkdir(parents=True, exist_ok=True)
     names = [out / f"{i:03d}_seed{s}.png" for i, s in enumerate(result.seeds)]
     if not overwrite:
-        clash = [p for p in names + [out / "grid.png"] if p.exists()]
+        clash = [p for p in names + [out / "grid.png", out / "generation.json"] if os.path.lexists(p)]
         if clash:
             raise UserError(f"{clash[0]} already exists; use another --out or pass --overwrite")
     records = []
@@ -67,13 +71,25 @@ def write_images(result, out: Path, model_name: str, overwrite: bool = False) ->
         for k, v in meta.items():
             info.add_text(f"llcm:{k}", json.dumps(v) if not isinstance(v, str) else v)
         info.add_text("parameters", json.dumps(meta))
-        tmp = path.with_suffix(".png.tmp")
-        img.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
+        _replace(path, lambda f, img=img, info=info: img.save(f, format="PNG", pnginfo=info))
         records.append({"file": path.name, **meta})
-    make_grid(images).save(out / "grid.png")
-    (out / "generation.json").write_text(json.dumps(records, indent=2))
+    _replace(out / "grid.png", lambda f: make_grid(images).save(f, format="PNG"))
+    _replace(out / "generation.json", lambda f: f.write(json.dumps(records, indent=2).encode()))
     return names
+
+
+def _replace(path: Path, write) -> None:
+    """write(file) into a new temporary file beside `path` (created exclusively: never an existing file or
+    link), then rename it over `path` (which replaces a link itself, not its target)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: fails on any existing name or link
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def make_grid(images, cols: int | None = None):

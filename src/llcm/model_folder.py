@@ -6,6 +6,7 @@ folder through here, so a missing or broken file means the same thing everywhere
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,8 @@ class LLCMConfig(ModelConfig):
     solver: str = "leapfrog"  # the distillation solver, for the record
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file, which must hold an object; one clear line naming the file otherwise."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -62,11 +64,61 @@ def _json(path: Path) -> dict:
 def read_meta(folder: str | os.PathLike) -> dict:
     """The folder's llcm.json as a dict; {} for a folder without one (a plain diffusers model)."""
     path = Path(folder).expanduser() / META
-    return _json(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def read_config(folder: str | os.PathLike) -> LLCMConfig:
-    return LLCMConfig.from_dict(read_meta(folder))
+    """The folder's llcm.json as an :class:`LLCMConfig` (defaults for what it lacks); a value that would break
+    sampling later (k 0, w_min > w_max, a NaN in latent_mean) is refused here, in one line naming the file."""
+    config = LLCMConfig.from_dict(read_meta(folder))
+    where = Path(folder).expanduser() / META
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (isinstance(config.k, int) and not isinstance(config.k, bool) and 1 <= config.k <= 1000):
+        raise UserError(f"{where}: k must be a whole number from 1 to 1000, got {config.k!r}")
+    ws = {"w_min": config.w_min, "w_max": config.w_max, "w_default": config.w_default,
+          "sigma_data": config.sigma_data, "timestep_scaling": config.timestep_scaling}
+    bad = next((name for name, v in ws.items() if not number(v)), None)
+    if bad:
+        raise UserError(f"{where}: {bad} must be a finite number, got {ws[bad]!r}")
+    if not 0 <= config.w_min <= config.w_max:
+        raise UserError(f"{where}: the trained w range must satisfy 0 <= w_min <= w_max, got "
+                        f"[{config.w_min}, {config.w_max}]")
+    if config.sigma_data <= 0:
+        raise UserError(f"{where}: sigma_data must be positive, got {config.sigma_data}")
+    mean = config.latent_mean
+    if mean is not None and not (isinstance(mean, list) and mean and all(number(v) for v in mean)):
+        raise UserError(f"{where}: latent_mean must be a list of finite numbers (one per latent channel) or null, "
+                        f"got {json.dumps(mean)[:80]}")
+    vae = Path(folder).expanduser() / "vae" / "config.json"
+    channels = read_json(vae).get("latent_channels", 4) if mean is not None and vae.is_file() else None
+    if channels is not None and len(mean) != channels:
+        raise UserError(f"{where}: latent_mean has {len(mean)} values, the VAE ({vae}) has {channels} latent "
+                        "channels")
+    for name in ("classes", "grayscale"):
+        value = getattr(config, name)
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UserError(f"{where}: {name} must be a list of strings, got {json.dumps(value)[:80]}")
+    return config
+
+
+def check_files(folder: str | os.PathLike) -> None:
+    """Refuse a folder with a damaged file (truncated, zeroed, not JSON), naming it, before diffusers or
+    transformers read it: the JSON files and the safetensors headers of the folder and its subfolders."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder).expanduser()
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*.json")):
+        read_json(path)
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path} is not a readable safetensors file ({exc}): the model folder is damaged; "
+                            "copy or save it again") from None
 
 
 def read_schedule(folder: str | os.PathLike):
@@ -77,6 +129,6 @@ def read_schedule(folder: str | os.PathLike):
     if not path.is_file():
         return Schedule.scaled_linear()
     try:
-        return Schedule.from_diffusers_config(_json(path))
+        return Schedule.from_diffusers_config(read_json(path))
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None

@@ -260,7 +260,9 @@ def load_components(
     """
     folder = _local_folder(path)
     from llcm.adapter import is_adapter, load_adapted
+    from llcm.model_folder import check_files, read_json
 
+    check_files(folder)
     if is_adapter(folder):
         return load_adapted(folder, dtype=dtype)
     missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not (folder / s).is_dir()]
@@ -268,14 +270,12 @@ def load_components(
         listed = ", ".join(m + "/" for m in missing)
         raise UserError(f"{str(folder)!r} is not a diffusers SD folder (missing {listed}); {_NO_DOWNLOAD}")
     index_file = folder / "model_index.json"
-    if index_file.is_file() and "text_encoder_2" in json.loads(index_file.read_text(encoding="utf-8")):
+    if index_file.is_file() and "text_encoder_2" in read_json(index_file):
         raise UserError(f"{str(folder)!r} has two text encoders (SDXL?); llcm supports SD 1.x/2.x folders")
     prediction_type = "epsilon"
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
-        prediction_type = json.loads(scheduler_config.read_text(encoding="utf-8")).get(
-            "prediction_type", "epsilon"
-        )
+        prediction_type = read_json(scheduler_config).get("prediction_type", "epsilon")
 
     diffusers_kwargs: dict[str, Any] = {"variant": variant, "local_files_only": True}
     if dtype is not None:

@@ -72,8 +72,8 @@ class LLCMPipeline:
         from llcm.adapter import load_adapted
 
         path = Path(path)
+        config, schedule = read_config(path), read_schedule(path)  # the small files first: a bad one fails fast
         components = load_components(path) if base is None else load_adapted(path, base)
-        config, schedule = read_config(path), read_schedule(path)
         name = path.parent.name if path.name == "model" and path.parent.name else path.name  # runs/x/model -> x
         return cls(components, config, schedule, name=name)
 
@@ -149,8 +149,8 @@ class LLCMPipeline:
                        width: int | None = None,
                        timesteps: Sequence[int] | None = None) -> tuple[list[int], torch.Tensor]:
         """(timesteps, scaled latents z0) for one prompt and seed per image, before the VAE decodes them."""
-        height = height or self.default_size()
-        width = width or self.default_size()
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
         self.check_request(steps, w, height, width, len(prompts))
         c = self.components
         ts = list(timesteps) if timesteps else consistency_timesteps(steps, self.schedule.num_train_timesteps,

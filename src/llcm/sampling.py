@@ -25,6 +25,9 @@ from llcm.solvers import get_solver
 
 Tensor = torch.Tensor
 
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: 2**32 + s would repeat seed s
+MAX_SIZE = 4096  # the largest image side in pixels that generation accepts
+
 
 
 
@@ -162,5 +165,5 @@ def sample_ode(denoise: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], sched
     return x0
 
 
-__all__ = ["MAX_STEPS", "max_steps", "consistency_timesteps", "teacher_timesteps", "make_generators", "draw_noise",
-           "initial_latents", "sample_consistency", "cfg_denoiser", "sample_ode"]
+__all__ = ["MAX_SEED", "MAX_SIZE", "MAX_STEPS", "max_steps", "consistency_timesteps", "teacher_timesteps",
+           "make_generators", "draw_noise", "initial_latents", "sample_consistency", "cfg_denoiser", "sample_ode"]

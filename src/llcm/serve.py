@@ -39,11 +39,10 @@ from typing import Iterator
 
 from llcm.images import write_images
 from llcm.errors import UserError
-from llcm.sampling import max_steps
+from llcm.sampling import MAX_SEED, max_steps
 
 COMPARE_STEPS = (1, 2, 4, 8)
 MAX_PROMPT_CHARS = 500
-MAX_SEED = 2**32 - 1
 CARD_MAX_CHARS = 50_000
 
 
@@ -119,6 +118,13 @@ class Service:
         return 1, min(self.limits.max_steps, max_steps(self.pipe.schedule.num_train_timesteps, self.pipe.config.k))
 
     @property
+    def budget(self) -> int:
+        """Most pixel-steps (images x steps x height x width) one request may ask for: the most steps and images at
+        the model's own size. A CPU serves that in seconds; a 1024-px request of a 64-px model would tie the
+        server up for minutes while every other client waits."""
+        return self.pipe.default_size() ** 2 * self.steps_range[1] * self.limits.max_images
+
+    @property
     def compare_steps(self) -> list[int]:
         return [s for s in COMPARE_STEPS if s <= self.steps_range[1]]
 
@@ -139,9 +145,17 @@ class Service:
         for name, v in (("height", height), ("width", width)):
             if v is not None and not 1 <= v <= lim.max_size:
                 raise UserError(f"{name} must be between 1 and {lim.max_size} pixels, got {v}")
-        w = self.pipe.config.w_default if w is None else float(w)
         size = self.pipe.default_size()
-        return w, self.pipe.check_request(steps, w, height or size, width or size, n)
+        h, wd = size if height is None else height, size if width is None else width
+        cost, budget = n * steps * h * wd, self.budget
+        if cost > budget:
+            raise UserError(
+                f"this request asks for {n} image{'s' * (n > 1)} x {steps} step{'s' * (steps > 1)} x {h}x{wd} px "
+                f"= {cost:,} pixel-steps, over this server's budget of {budget:,} per request ({size}x{size} px, "
+                f"the model's size, x {hi} steps x {lim.max_images} images); ask for fewer images, fewer steps "
+                "or a smaller size")
+        w = self.pipe.config.w_default if w is None else float(w)
+        return w, self.pipe.check_request(steps, w, h, wd, n)
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
@@ -212,7 +226,8 @@ class Service:
                 "w_min": cfg.w_min, "w_max": cfg.w_max, "w_default": cfg.w_default, "k": cfg.k,
                 "solver": cfg.solver, "source": cfg.source, "notes": self.notes, "model_card": self.card is not None,
                 "limits": {"steps": [lo, hi], "images_per_request": self.limits.max_images,
-                           "max_size": self.limits.max_size, "queue": self.limits.queue,
+                           "max_size": self.limits.max_size, "pixel_steps": self.budget,
+                           "queue": self.limits.queue,
                            "prompt_chars": MAX_PROMPT_CHARS}}
 
     def facts_markdown(self) -> str:
@@ -227,8 +242,9 @@ class Service:
             shown = {k: Path(v).name if isinstance(v, str) and os.path.isabs(v) else v for k, v in i["source"].items()}
             lines.append("**Provenance:** " + "; ".join(f"{k}: `{json.dumps(v)[:200]}`" for k, v in shown.items()))
         lines.append(f"**Limits:** steps {lim['steps'][0]}–{lim['steps'][1]}, at most {lim['images_per_request']} "
-                     f"images per request, {lim['max_size']} px, {lim['queue']} requests queued at once. Images are "
-                     "saved on the server in its output folder, with their prompt, seed, steps, w and model hash.")
+                     f"images per request, {lim['max_size']} px, at most {lim['pixel_steps']:,} pixel-steps "
+                     f"(images × steps × height × width) per request, {lim['queue']} requests queued at once. "
+                     "Images are saved on the server in its output folder, with their prompt, seed, steps, w and model hash.")
         if not self.card:
             lines.append("*This model folder has no model card (README.md).*")
         return "\n\n".join(lines)
@@ -327,7 +343,8 @@ def build_app(service: Service, banner: str = ""):
     from pydantic import BaseModel, ConfigDict, Field
 
     class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")  # unknown fields (a path, say) are refused
+        # unknown fields (a path, say) are refused; strict: "steps": true or "4" or 4.5 is refused, not converted
+        model_config = ConfigDict(extra="forbid", strict=True)
         prompt: str = Field(max_length=MAX_PROMPT_CHARS)
         steps: int = 4
         seed: int | None = None  # None: a random seed, returned in the answer
@@ -421,7 +438,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, o
     i = service.info()
     print(f"llcm serve: model {i['model']} ({i['model_hash']}); images go to {service.out}\n"
           f"llcm serve: limits: steps {i['limits']['steps'][0]}-{i['limits']['steps'][1]}, "
-          f"{limits.max_images} images/request, {limits.max_size} px, queue {limits.queue}", flush=True)
+          f"{limits.max_images} images/request, {limits.max_size} px, {service.budget:,} pixel-steps/request "
+          f"(images x steps x height x width), queue {limits.queue}", flush=True)
     for note in service.notes:
         print(f"llcm serve: note: {note}", flush=True)
     url_host = f"[{host}]" if ":" in host else host

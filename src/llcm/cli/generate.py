@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llcm.errors import UserError
 from llcm.presets import MAX_BATCH, MAX_STEPS, MAX_W
+from llcm.sampling import MAX_SEED, MAX_SIZE
 
 HELP = f"""\
 Generate medical images from text prompts with a latent consistency model in 1-8 steps (at most
@@ -45,14 +46,17 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=4,
                    help=f"consistency steps (default 4): at most {MAX_STEPS}, and one per point of the model's skipping "
                         "grid (1000 // k)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"seed of the first image; image i uses seed + i (all within 0-{MAX_SEED})")
     p.add_argument("--batch", type=int, default=1, help=f"images per prompt (default 1, at most {MAX_BATCH} in all)")
     p.add_argument("--w", type=float, default=None, help="guidance scale, LCM form (default: the model's)")
     p.add_argument("--keep-colour", action="store_true",
                    help="keep the RGB samples of a grayscale class (by default a prompt whose training images "
                         "were grayscale, listed in llcm.json 'grayscale', gives its samples' luminance)")
-    p.add_argument("--height", type=int, default=None, help="pixels; a multiple of the VAE factor")
-    p.add_argument("--width", type=int, default=None, help="pixels; a multiple of the VAE factor")
+    p.add_argument("--height", type=int, default=None,
+                   help=f"pixels, at most {MAX_SIZE}; a multiple of the VAE factor (default: the model's size)")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"pixels, at most {MAX_SIZE}; a multiple of the VAE factor (default: the model's size)")
     p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
     p.add_argument("--overwrite", action="store_true", help="replace PNGs of the same names in --out")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:1 ...")
@@ -68,8 +72,14 @@ def run(args: argparse.Namespace) -> int:
     prompts = ([args.prompt_arg] if args.prompt_arg is not None else []) + list(args.prompt)
     if not prompts:
         raise UserError("give a prompt: llcm generate \"axial brain MRI\" (\"\" for unconditional)")
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    n = len(prompts) * args.batch  # the numbers are checked before anything is allocated or loaded
+    for name, v, lo, hi in (("--batch", args.batch, 1, MAX_BATCH // len(prompts)),
+                            ("--seed", args.seed, 0, MAX_SEED - max(n - 1, 0)),
+                            ("--height", args.height, 1, MAX_SIZE), ("--width", args.width, 1, MAX_SIZE)):
+        if v is not None and not lo <= v <= hi:
+            images = (f" ({len(prompts)} prompt{'s' * (len(prompts) > 1)} x --batch: at most {MAX_BATCH} images)"
+                      if name == "--batch" else "")
+            raise UserError(f"{name} must be between {lo} and {hi}{images}, got {v}")
     all_prompts = [p for p in prompts for _ in range(args.batch)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
     pipe = load_pipeline(args.model, adapter=args.adapter)

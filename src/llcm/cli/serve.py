@@ -7,6 +7,7 @@ import importlib.util
 
 from llcm.errors import UserError
 from llcm.presets import MAX_BATCH, MAX_STEPS
+from llcm.sampling import MAX_SIZE
 
 HELP = """\
 Serve a web page and an HTTP API that generate images with a latent consistency model: prompt, steps,
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from llcm.serve import Limits, serve
 
     for name, v, hi in (("--max-steps", args.max_steps, MAX_STEPS), ("--max-images", args.max_images, MAX_BATCH),
-                        ("--max-size", args.max_size, 4096), ("--queue", args.queue, 64)):
+                        ("--max-size", args.max_size, MAX_SIZE), ("--queue", args.queue, 64)):
         if not 1 <= v <= hi:
             raise UserError(f"{name} must be between 1 and {hi}, got {v}")
     if not 0 < args.port < 65536:

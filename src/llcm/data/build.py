@@ -35,7 +35,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -43,24 +43,28 @@ from llcm.data import cleaning, readers, sources
 from llcm.data.taxonomy import ClassInfo, Taxonomy, class_dir_name, load_mapping
 from llcm.errors import UserError
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: header size limits, Body Part Examined defined terms only
 CACHE_DIR = ".llcm-build"
 SPLITS = ("train", "test")
 TEXT_OUTPUTS = ("build.json", "stats.json", "card.md")
+WORKER_DIED = "decoder_process_died"
+MAX_SIZE = 4096  # --size: the largest output side
 CRASH_ENV = "LLCM_DATA_BUILD_CRASH_AFTER"  # test hook: hard-exit after N journal/placement steps
 
 # Every reason an image can be left out, in report order, with its card description.
 REASONS = {
     readers.UNREADABLE: "unreadable, corrupt, truncated or empty file",
     readers.NOT_AN_IMAGE: "not an image (unrecognised content)",
-    readers.TOO_LARGE: "more pixels than the decoder limit",
+    readers.TOO_LARGE: "more pixels or bytes than the decoder limits (checked from the header, before decoding)",
     readers.DICOM_NO_PIXELS: "DICOM without pixel data (report, RT plan, ...)",
     readers.DICOM_UNDECODABLE: "compressed DICOM that no installed decoder can read",
     readers.DICOM_BURNED_IN: "DICOM flagged with burned-in annotation (possible identifiers in pixels)",
     readers.EMPTY_SLICE: "empty NIfTI slice",
     cleaning.TOO_SMALL: "shorter side below the minimum size",
     cleaning.BLANK: "constant or blank image",
-    sources.UNSAFE_MEMBER: "archive member not extracted (path outside target, link, device, size limit)",
+    sources.UNSAFE_MEMBER: "archive member not extracted (path outside target, link, device, encrypted, corrupt)",
+    sources.MEMBER_TOO_LARGE: "archive member not extracted: over the size limits (possible decompression bomb)",
+    sources.NESTED_ARCHIVE: "archive inside a source, not opened (pass it as a source of its own)",
     sources.LINK: "symbolic link (not followed)",
     sources.NO_LABEL: "no class label (file not in a class folder or label file)",
     "label_contains_phi": "class label contains a DICOM patient identifier",
@@ -69,6 +73,7 @@ REASONS = {
     cleaning.EXACT_DUPLICATE: "exact duplicate (same decoded pixels)",
     cleaning.NEAR_DUPLICATE: "near duplicate (perceptual hash within the distance)",
     "internal_error": "unexpected decoder error (please report)",
+    WORKER_DIED: "the decoding process died on this file (killed, e.g. out of memory)",
 }
 
 
@@ -108,8 +113,19 @@ class BuildOptions:
     NON_OUTPUT = ("workers", "force", "keep_cache", "progress", "mapping", "licences")
 
     def validate(self) -> None:
-        if self.size < 8:
-            raise UserError("--size must be at least 8")
+        """The one check of the build's numbers (the CLI's and the Python API's)."""
+        if not 8 <= self.size <= MAX_SIZE:
+            raise UserError(f"--size must be between 8 and {MAX_SIZE}")
+        if self.cap < 0:
+            raise UserError("--cap must be 0 (no cap) or more")
+        if self.holdout_count < 0:
+            raise UserError("--holdout-count must be 0 or more")
+        if self.workers < 0:
+            raise UserError("--workers must be 0 (one per CPU) or more")
+        if self.blank_std < 0:
+            raise UserError("--blank-std must be 0 or more")
+        if self.near_duplicate_distance < -1:
+            raise UserError("--near-dup-distance must be -1 (off) or more")
         if self.image_format not in ("jpg", "png"):
             raise UserError("--format must be jpg or png")
         if not 1 <= self.quality <= 100:
@@ -275,19 +291,57 @@ def pool_context():
 
 
 def run_tasks(tasks: list[tuple], workers: int, on_result, progress=None) -> None:
-    """Run `process_item` over tasks (results in task order), inline or in a process pool."""
+    """Run `process_item` over tasks (results in task order), inline or in worker processes.
+
+    A worker that dies (SIGKILL, the OOM killer) breaks the pool: the files then in flight are run
+    again one at a time, each in a pool of its own, so the one that kills its process is recorded as
+    `decoder_process_died` and the build goes on with a fresh pool; it never waits on a dead worker."""
     if workers <= 1 or len(tasks) < 16:
         for task in tasks:
-            on_result(process_item(task))
-            if progress is not None:
-                progress.update(1)
+            _deliver(process_item(task), on_result, progress)
         return
-    chunk = max(1, min(16, len(tasks) // (workers * 8)))
-    with single_threaded_children(), pool_context().Pool(workers) as pool:
-        for rec in pool.imap(process_item, tasks, chunksize=chunk):
-            on_result(rec)
-            if progress is not None:
-                progress.update(1)
+    pending = list(tasks)
+    with single_threaded_children():
+        while pending:
+            pending = _run_pool(pending, workers, on_result, progress)
+            if pending:  # the pool broke: the files in flight, one by one
+                suspects, pending = pending[: 2 * workers], pending[2 * workers:]
+                for task in suspects:
+                    _run_pool([task], 1, on_result, progress, died=True)
+
+
+def _deliver(rec: dict, on_result, progress) -> None:
+    on_result(rec)
+    if progress is not None:
+        progress.update(1)
+
+
+def _run_pool(tasks: list[tuple], workers: int, on_result, progress, died: bool = False) -> list[tuple]:
+    """Run tasks in a process pool, at most 2 x workers in flight, results in order; returns the tasks
+    without a result when a worker died (all of them from the oldest in flight), or [] when done.
+    With `died`, a lost task is recorded as `decoder_process_died` instead of returned."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
+        flight: deque = deque()
+        i = 0
+        try:
+            while i < len(tasks) or flight:
+                while i < len(tasks) and len(flight) < 2 * workers:
+                    flight.append(pool.submit(process_item, tasks[i]))
+                    i += 1
+                _deliver(flight[0].result(), on_result, progress)
+                flight.popleft()
+        except BrokenProcessPool:
+            lost = tasks[i - len(flight):]
+            if not died:
+                return lost
+            for task in lost:
+                _deliver({"key": task[0], "frames": [{"i": 0, "reject": WORKER_DIED}], "phi": []}, on_result,
+                         progress)
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,9 +570,12 @@ def _outputs_intact(out: Path) -> bool:
         meta = out / split / "metadata.jsonl"
         if not meta.exists():
             continue
-        for line in meta.read_text(encoding="utf-8").splitlines():
-            if line.strip() and not (out / split / json.loads(line)["file_name"]).exists():
-                return False
+        try:
+            rows = read_manifest(meta)
+        except UserError:
+            return False  # a damaged or tampered manifest: rebuilt
+        if not all((out / split / row["file_name"]).exists() for row in rows):
+            return False
     return (out / "stats.json").exists() and (out / "card.md").exists()
 
 
@@ -545,20 +602,20 @@ def build_dataset(sources_in, out, **options) -> dict:
     taxonomy = Taxonomy(mapping, opts.prompt_template)
 
     # 1. sources -> candidate items
-    roots, unsafe_counts, scans = [], [], []
+    roots, unsafe_counts, scans = [], [], []  # unsafe_counts: per source, reason -> archive members refused
     for i, spec in enumerate(specs):
+        refused = {}
         if spec.is_archive:
             dest = cache / "extract" / f"{i}-{spec.name}"
             try:
                 info = sources.extract_archive(spec.path, dest, max_bytes=opts.max_archive_bytes)
                 roots.append(dest)
-                unsafe_counts.append(info["unsafe"])
+                refused = {sources.UNSAFE_MEMBER: info["unsafe"], sources.MEMBER_TOO_LARGE: info["too_large"]}
             except UserError:  # a corrupt archive is one unreadable input, not the end of the build
                 roots.append(None)
-                unsafe_counts.append(0)
         else:
             roots.append(spec.path)
-            unsafe_counts.append(0)
+        unsafe_counts.append({k: n for k, n in refused.items() if n})
     for i, (spec, root) in enumerate(zip(specs, roots)):
         if root is None:
             scan = sources.ScanResult()
@@ -646,10 +703,10 @@ def build_dataset(sources_in, out, **options) -> dict:
 
     # 3-4. labels, duplicates, classes, splits
     asm = assemble(items, records, specs, taxonomy, opts, phi_hashes)
-    for i, n in enumerate(unsafe_counts):
-        if n:
-            asm.rejections[sources.UNSAFE_MEMBER] += n
-            asm.by_source.setdefault(i, Counter())[sources.UNSAFE_MEMBER] += n
+    for i, refused in enumerate(unsafe_counts):
+        for reason, n in refused.items():
+            asm.rejections[reason] += n
+            asm.by_source.setdefault(i, Counter())[reason] += n
     for i, scan in enumerate(scans):
         for reason, n in scan.rejected.items():
             asm.rejections[reason] += n
@@ -722,6 +779,33 @@ def build_dataset(sources_in, out, **options) -> dict:
     return stats
 
 
+def read_manifest(meta: Path) -> list[dict]:
+    """The one reader of a `metadata.jsonl`: JSON objects whose `file_name` is a relative path inside
+    the split folder (no absolute path, `..` or backslash); anything else is a UserError."""
+    root = meta.parent
+    rows = []
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{meta} is not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{meta}, line {n}: not valid JSON") from None
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{meta}, line {n}: a row needs a file_name")
+        rel = PurePosixPath(name)
+        if (rel.is_absolute() or "\\" in name or ".." in rel.parts
+                or not os.path.abspath(root / rel).startswith(os.path.abspath(root) + os.sep)):
+            raise UserError(f"{meta}, line {n}: file_name {name!r} points outside the dataset")
+        rows.append(row)
+    return rows
+
+
 def read_split(directory, split: str = "train") -> list[dict]:
     """Rows of `<directory>/<split>/metadata.jsonl`, each with an absolute `path` added."""
     root = Path(directory).expanduser().resolve() / split
@@ -730,10 +814,7 @@ def read_split(directory, split: str = "train") -> list[dict]:
         if not (Path(directory) / "build.json").exists():
             raise UserError(f"{directory} is not an llcm dataset (no build.json); run `llcm data build` first")
         return []
-    rows = []
-    for line in meta.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            row["path"] = str(root / row["file_name"])
-            rows.append(row)
+    rows = read_manifest(meta)
+    for row in rows:
+        row["path"] = str(root / row["file_name"])
     return rows

@@ -651,9 +651,9 @@ def build_mini(out, size: int = 64, seed: int = 0, per_class: int | None = None,
 
     if size not in (64, 128):
         raise UserError("the mini dataset comes in 64 or 128 pixels")
-    per_class = int(per_class or DEFAULT_PER_CLASS)
-    if per_class < 1:
-        raise UserError("--per-class must be at least 1")
+    per_class = DEFAULT_PER_CLASS if per_class is None else int(per_class)
+    if not 1 <= per_class <= 100_000:
+        raise UserError("--per-class must be between 1 and 100000")
     out = Path(out).expanduser().resolve()
     options = _mini_options(size, seed, per_class)
     done = out / "build.json"

@@ -14,11 +14,14 @@ rules medical formats need and generic loaders get wrong:
   per volume between the 0.5th and 99.5th percentiles of the non-zero voxels; empty slices are
   rejected as `empty_slice`.
 
-Nothing from a DICOM header leaves this module except the whitelisted, format-checked `modality`
-and `body_part` codes; the identifying values are returned only as SHA-256 hashes of their tokens
-(`phi_tokens`, also attached to a `Rejected` DICOM) so the builder can refuse labels that contain
-them. The builder keeps these hashes in memory only: they are never written, not even to its
-resume journal.
+Sizes are judged from headers before anything is decoded or inflated (`MAX_FILE_BYTES`,
+`MAX_PIXELS`, `check_pixels`): a file over them is rejected as `too_large`.
+
+Nothing from a DICOM header leaves this module except the `modality` and `body_part` defined terms
+(any other Body Part Examined value is dropped, flagged `body_part_dropped`); the identifying
+values are returned only as SHA-256 hashes of their tokens (`phi_tokens`, also attached to a
+`Rejected` DICOM) so the builder can refuse labels that contain them. The builder keeps these
+hashes in memory only: they are never written, not even to its resume journal.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
+import os
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,12 +52,32 @@ DICOM_UNDECODABLE = "dicom_compressed_undecodable"
 DICOM_BURNED_IN = "dicom_burned_in_annotation"
 EMPTY_SLICE = "empty_slice"
 
+# Limits on what one file may decode to, checked from its header before anything is decoded
+# (decompression bombs: a few hundred KB of zeros can claim gigabytes).
+MAX_FILE_BYTES = 512 << 20  # bytes of one file or archive member, after decompression (.nii.gz, deflated DICOM)
+MAX_PIXELS = 1 << 28  # samples of one file: DICOM Rows*Columns*frames*samples, NIfTI voxels of all volumes
+# Raster formats are held to Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS, about 89 million pixels).
+
 # DICOM Modality defined terms (PS3.3 C.7.3.1.1.1) we pass through; anything else becomes "OT".
 _DICOM_MODALITIES = {
     "CR", "CT", "DX", "MR", "US", "NM", "PT", "XA", "RF", "MG", "IO", "PX", "OP", "OPT", "SM", "ES",
     "XC", "GM", "OT", "SC", "BI", "DG", "RG", "TG", "OCT", "IVOCT", "IVUS", "SEG",
 }
-_BODY_PART_RE = re.compile(r"^[A-Z0-9 _]{1,16}$")
+# Body Part Examined defined terms (PS3.16 Annex L); any other value (free text, a name, a number) is
+# dropped, because the field is free enough in practice to carry identifiers.
+DICOM_BODY_PARTS = frozenset("""
+ABDOMEN ABDOMENPELVIS ACJOINT ADRENAL AMNIOTICFLUID ANKLE ANUS AORTA AORTICARCH APPENDIX ARM AXILLA BACK
+BILEDUCT BLADDER BRAIN BRAINSTEM BREAST BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK
+CHEST CHESTABDOMEN CHESTABDPELVIS CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE
+CTSPINE DUODENUM EAR ELBOW ENDOMETRIUM ESOPHAGUS EXTREMITY EYE EYELID FACE FEMUR FIBULA FINGER FOOT
+FOREARM GALLBLADDER HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM INTESTINE JAW JEJUNUM KIDNEY
+KNEE LARYNX LEG LIVER LOWEREXTREMITY LSPINE LSSPINE LUNG MANDIBLE MAXILLA MEDIASTINUM MOUTH NECK
+NECKCHEST NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY PANCREAS PAROTID PATELLA PELVIS PENIS
+PHARYNX PROSTATE RADIUS RADIUSULNA RECTUM RETINA RIB SACRUM SCALP SCAPULA SCLERA SCROTUM SHOULDER SKULL
+SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR TESTIS THIGH THORAX THUMB THYMUS THYROID TIBIA
+TLSPINE TMJ TOE TONGUE TRACHEA TSPINE ULNA UPPEREXTREMITY URETER URETHRA UTERUS VAGINA VULVA WHOLEBODY
+WRIST ZYGOMA
+""".split())
 # Header elements whose values identify a person or an event: patient/physician names (PN),
 # identifiers and every date. Only hashes of their tokens are kept, to audit labels.
 _PHI_KEYWORDS = (
@@ -129,13 +155,22 @@ def is_candidate(path: Path, head: bytes) -> bool:
     return file_kind(path, head) is not None
 
 
+def check_pixels(count: int, what: str) -> None:
+    """The one size check of a decoded image or volume, from its header, before it is decoded."""
+    if count > MAX_PIXELS:
+        raise Rejected(TOO_LARGE, f"{what}: more than {MAX_PIXELS} pixels")
+
+
 def decode_file(path: Path, *, nifti_axis: str = "axial", nifti_step: int = 1,
                 max_pixels: int = 178_956_970) -> Decoded:
     """Decode any supported file; raises `Rejected` for a file that yields no frame at all."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:  # one read: the decoders work from memory
-            data = fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise Rejected(TOO_LARGE, f"{size} bytes")
+            data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise Rejected(UNREADABLE, type(exc).__name__) from None
     if not data:
@@ -235,8 +270,10 @@ def _dicom_meta(ds) -> dict:
     if modality:
         meta["modality"] = modality if modality in _DICOM_MODALITIES else "OT"
     body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if body and _BODY_PART_RE.match(body):
+    if body in DICOM_BODY_PARTS:
         meta["body_part"] = body
+    elif body:
+        meta["body_part_dropped"] = True  # counted in the card; the value itself goes nowhere
     return meta
 
 
@@ -292,6 +329,8 @@ def read_dicom(data: bytes | Path) -> Decoded:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if isinstance(data, (bytes, bytearray)):
+        _check_deflated_size(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -308,6 +347,44 @@ def read_dicom(data: bytes | Path) -> Decoded:
     except Rejected as exc:
         exc.phi_tokens = phi  # a refused file's identifiers still guard the labels
         raise
+
+
+def _check_deflated_size(data: bytes) -> None:
+    """pydicom inflates a Deflated Explicit VR data set in one piece: measure it first, in bounded chunks."""
+    if b"1.2.840.10008.1.2.1.99" not in data[:16384]:  # the transfer syntax sits in the file meta group
+        return
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, True)
+        if _read_file_meta_info(fp).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+    except Exception:  # noqa: BLE001 - pydicom itself will refuse the file
+        return
+    inflater, rest, total, chunk = zlib.decompressobj(-zlib.MAX_WBITS), memoryview(data)[fp.tell():], 0, 1 << 24
+    try:
+        while True:
+            out = inflater.decompress(rest, chunk)
+            total += len(out)
+            if total > MAX_FILE_BYTES:
+                raise Rejected(TOO_LARGE, f"deflated DICOM of more than {MAX_FILE_BYTES} bytes")
+            rest = inflater.unconsumed_tail
+            if inflater.eof or (not rest and len(out) < chunk):
+                return
+    except zlib.error:
+        return  # corrupt: pydicom reports it
+
+
+def _dicom_pixel_count(ds) -> int:
+    """Rows x Columns x frames x samples, from the header (before any pixel is decoded)."""
+    try:
+        dims = [int(ds.get(k, d) or d) for k, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1),
+                                                      ("SamplesPerPixel", 1))]
+    except (TypeError, ValueError):
+        raise Rejected(UNREADABLE, "DICOM: non-numeric image size") from None
+    return math.prod(max(0, d) for d in dims)
 
 
 def read_dicom_phi(path: Path) -> list[str]:
@@ -330,6 +407,7 @@ def _dicom_frames(ds, phi: list[str]) -> Decoded:
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise Rejected(DICOM_BURNED_IN, "BurnedInAnnotation YES")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    check_pixels(_dicom_pixel_count(ds), "DICOM")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -402,13 +480,13 @@ def read_nifti(data: bytes | Path, *, axis: str = "axial", step: int = 1, empty_
     if axis not in NIFTI_AXES:
         raise ValueError(f"nifti axis must be one of {sorted(NIFTI_AXES)}")
     try:
-        raw = data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        raw = _nifti_bytes(data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes())
         img = nib.Nifti1Image.from_bytes(raw) if raw[344:348] in (b"n+1\x00", b"ni1\x00") else \
             nib.Nifti2Image.from_bytes(raw)
         img = nib.as_closest_canonical(img)
         data = np.asarray(img.dataobj, dtype=np.float64)
+    except Rejected:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise Rejected(UNREADABLE, f"NIfTI: {type(exc).__name__}") from None
     while data.ndim > 3:
@@ -417,18 +495,20 @@ def read_nifti(data: bytes | Path, *, axis: str = "axial", step: int = 1, empty_
         data = data[:, :, None]
     if data.ndim != 3 or data.size == 0:
         raise Rejected(NOT_AN_IMAGE, "NIfTI without a 2D/3D image")
-    data = np.nan_to_num(data)
+    data = np.nan_to_num(data, copy=False)
     nonzero = data[data != 0]
     if nonzero.size == 0:
         lo = hi = 0.0
     else:
         lo, hi = np.percentile(nonzero, [0.5, 99.5])
         lo = min(float(lo), 0.0) if float(data.min()) >= 0 else float(lo)
-    unit = np.clip((data - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(data)
+    del nonzero
     ax = NIFTI_AXES[axis]
     frames, rejected = [], []
     for i in range(0, data.shape[ax], max(1, int(step))):
-        sl = np.take(unit, i, axis=ax)
+        # basic slicing: a view (np.take on the Fortran-ordered volume copies with a slow gather)
+        sl = data[(slice(None),) * ax + (i,)]
+        sl = np.clip((sl - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(sl)
         # RAS+: rotate so anterior (axial) or superior (coronal, sagittal) is up; the patient's
         # left is on the image's left (neurological convention).
         sl = np.rot90(sl)
@@ -439,3 +519,22 @@ def read_nifti(data: bytes | Path, *, axis: str = "axial", step: int = 1, empty_
     if not frames and not rejected:
         raise Rejected(NOT_AN_IMAGE, "no slices")
     return Decoded(frames, rejected=rejected)
+
+
+def _nifti_bytes(raw: bytes) -> bytes:
+    """The uncompressed bytes of a NIfTI-1/2 file, after its header passed the size checks; a .nii.gz
+    is inflated only up to the size its header declares."""
+    import nibabel as nib
+
+    stream = gzip.GzipFile(fileobj=io.BytesIO(raw)) if raw[:2] == b"\x1f\x8b" else io.BytesIO(raw)
+    head = stream.read(540)  # the NIfTI-2 header size (NIfTI-1: 348 + extension flag)
+    header_class = nib.Nifti1Header if head[344:348] in (b"n+1\x00", b"ni1\x00") else nib.Nifti2Header
+    header = header_class.from_fileobj(io.BytesIO(head))
+    shape = header.get_data_shape()
+    check_pixels(math.prod(shape), "NIfTI " + "x".join(map(str, shape)))
+    needed = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+    if needed > MAX_FILE_BYTES:
+        raise Rejected(TOO_LARGE, f"NIfTI of {needed} bytes")
+    if isinstance(stream, io.BytesIO):
+        return raw
+    return head + stream.read(max(0, needed - len(head)))

@@ -12,7 +12,7 @@ from llcm.data.taxonomy import FIELDS
 
 PRIVACY = (
     "Output images are re-encoded pixels only: no EXIF, no DICOM header. From DICOM headers only the "
-    "whitelisted, format-checked Modality and Body Part Examined codes are kept (`dicom_modality`, "
+    "whitelisted Modality and Body Part Examined defined terms are kept (`dicom_modality`, "
     "`dicom_body_part`). Output file names are content hashes, so no source file or folder name "
     "(which may hold patient names or IDs) is copied except through the class labels; a class label "
     "that contains a token of any DICOM patient name, ID or date in the sources is refused "
@@ -95,7 +95,7 @@ def make_stats(fingerprint, opts, specs, scans, asm, splits, held, dirs) -> dict
     train = sum(c["train"] for c in classes.values())
     test = sum(c["test"] for c in classes.values())
     return {
-        "builder_version": 1,
+        "builder_version": 2,
         "title": opts.title,
         "fingerprint": fingerprint,
         "options": opts.output_fields(),
@@ -112,6 +112,10 @@ def make_stats(fingerprint, opts, specs, scans, asm, splits, held, dirs) -> dict
         "duplicates": {k: asm.duplicates.get(k, 0) for k in ("exact", "near", "cross_source", "class_conflicts")},
         "unmapped": {cid: c["unmapped_reason"] for cid, c in classes.items() if not c["mapped"]},
         "held_out_classes": list(held),
+        # DICOM Body Part Examined values that are not a defined term (free text, names, numbers): dropped
+        "dicom_values_dropped": {"body_part": sum(
+            1 for parts in splits.values() for sp in ("train", "test") for e in parts[sp]
+            if (e.frame.get("meta") or {}).get("body_part_dropped"))},
         "sources": per_source,
         "classes": classes,
     }
@@ -190,6 +194,10 @@ def render_card(stats: dict, reasons: dict) -> str:
     else:
         out.append("Every class is mapped to the taxonomy.")
     out += ["", "## Privacy", "", PRIVACY, ""]
+    dropped = stats.get("dicom_values_dropped", {}).get("body_part", 0)
+    if dropped:
+        out += [f"`dicom_body_part` left empty for {dropped} image(s): their Body Part Examined was not a "
+                "DICOM defined term (free text, a name or a number), so it was dropped.", ""]
     if o.get("notes"):
         out += [o["notes"].rstrip(), ""]
     out += ["## Build options", "", "```json"]

@@ -1,8 +1,10 @@
 """Turn what the user downloaded into a sorted list of labelled candidate files.
 
 A source is a folder, or a zip/tar archive that is first extracted safely into the build's cache
-(members with absolute paths, `..` components, links, devices, or beyond the size limits are
-skipped and counted as `unsafe_archive_member`; nothing is written outside the target).
+(members with absolute paths, `..` components, links or devices are skipped and counted as
+`unsafe_archive_member`; members whose declared size is over `readers.MAX_FILE_BYTES`, or that would
+take the archive over its total, are skipped before a byte is inflated and counted as
+`archive_member_too_large`; nothing is written outside the target).
 
 Inside a source:
 - folder levels named like splits (train/, Training/, test/, val/, valid/ ...) are splits, not
@@ -10,7 +12,8 @@ Inside a source:
   the label and the folders above it are context for the taxonomy;
 - CSV/TSV files with a path column and a label column label the files they list (relative to the
   label file's folder or the source root, with or without extension); they win over folders;
-- hidden files, `__MACOSX/` and links are never read (links are counted as `link`).
+- hidden files, `__MACOSX/` and links are never read (links are counted as `link`);
+- an archive inside a source is not opened (counted as `nested_archive`: pass it as a source of its own).
 
 Sources are only ever opened for reading.
 """
@@ -30,11 +33,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from llcm.data.readers import is_candidate
+from llcm.data.readers import MAX_FILE_BYTES, is_candidate
 from llcm.data.taxonomy import slug, words
 from llcm.errors import UserError
 
 UNSAFE_MEMBER = "unsafe_archive_member"
+MEMBER_TOO_LARGE = "archive_member_too_large"
+NESTED_ARCHIVE = "nested_archive"
 LINK = "link"
 NO_LABEL = "no_label"
 
@@ -174,34 +179,43 @@ def archive_fingerprint(archive: Path) -> str:
 
 
 def extract_archive(archive: Path, dest: Path, *, max_bytes: int = 64 << 30, max_members: int = 2_000_000,
-                    max_ratio: float = 2000.0) -> dict:
-    """Extract regular files only, each inside `dest`; returns counts.
+                    max_ratio: float = 2000.0, max_member_bytes: int = MAX_FILE_BYTES) -> dict:
+    """Extract regular files only, each inside `dest`; returns counts {"unsafe": n, "too_large": n}.
 
-    Idempotent: a marker holding the archive's fingerprint makes a second call free; a changed
-    archive is extracted again."""
+    Sizes are judged from the archive's directory before anything is inflated, and the copy stops at
+    the declared size (a member that lies about it is dropped). Idempotent: a marker holding the
+    archive's fingerprint makes a second call free; a changed archive is extracted again."""
     marker = dest / ".llcm-extracted"
     fingerprint = archive_fingerprint(archive)
     if marker.exists():
         try:
             done = json.loads(marker.read_text())
             if done.get("archive") == fingerprint:
-                return {"unsafe": int(done["unsafe"])}
+                return {"unsafe": int(done["unsafe"]), "too_large": int(done["too_large"])}
         except (ValueError, KeyError, TypeError):
             pass
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    unsafe = 0
+    counts = Counter()
     total = 0
     members = 0
 
-    def target_for(name: str) -> Path | None:
+    def target_for(name: str, regular: bool, size: int, packed: int | None) -> Path | None:
+        """The one check of an archive member: where it goes, or None (counted) when it is refused."""
+        nonlocal members
+        members += 1
         rel = _safe_member_path(name)
-        if rel is None:
+        target = dest.joinpath(*rel.parts) if rel is not None else None
+        if (target is None or not regular
+                or os.path.commonpath([os.path.abspath(target), os.path.abspath(dest)]) != os.path.abspath(dest)):
+            counts["unsafe"] += 1
             return None
-        target = dest.joinpath(*rel.parts)
-        if os.path.commonpath([os.path.abspath(target), os.path.abspath(dest)]) != os.path.abspath(dest):
+        bomb = packed is not None and size > (16 << 20) and size > max_ratio * max(packed, 1)
+        if size > max_member_bytes or total + size > max_bytes or members > max_members or bomb:
+            counts["too_large"] += 1
             return None
+        target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
     try:
@@ -211,45 +225,37 @@ def extract_archive(archive: Path, dest: Path, *, max_bytes: int = 64 << 30, max
                     if info.is_dir():
                         continue
                     file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip records no type
-                    members += 1
-                    target = target_for(info.filename)
-                    too_big = total + info.file_size > max_bytes or members > max_members
-                    bomb = info.file_size > (16 << 20) and info.file_size > max_ratio * max(info.compress_size, 1)
-                    if (target is None or file_type not in (0, stat.S_IFREG)
-                            or info.flag_bits & 0x1 or too_big or bomb):
-                        unsafe += 1
+                    regular = file_type in (0, stat.S_IFREG) and not info.flag_bits & 0x1  # not encrypted
+                    target = target_for(info.filename, regular, info.file_size, info.compress_size)
+                    if target is None:
                         continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     try:
                         with zf.open(info) as src:
                             total += _copy_limited(src, target, info.file_size)
                     except Exception:  # noqa: BLE001 - a corrupt member is skipped, not fatal
-                        unsafe += 1
+                        counts["unsafe"] += 1
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as tf:
                 for m in sorted(tf.getmembers(), key=lambda m: m.name):
                     if m.isdir():
                         continue
-                    members += 1
-                    target = target_for(m.name)
-                    if (target is None or not m.isfile() or total + m.size > max_bytes
-                            or members > max_members):
-                        unsafe += 1
+                    target = target_for(m.name, m.isfile(), m.size, None)
+                    if target is None:
                         continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     try:
                         src = tf.extractfile(m)
                         total += _copy_limited(src, target, m.size)
                     except Exception:  # noqa: BLE001
-                        unsafe += 1
+                        counts["unsafe"] += 1
         else:
             raise UserError(f"not a readable zip or tar archive: {archive}")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
         raise UserError(f"cannot read archive {archive.name}: {exc}") from None
+    result = {"unsafe": counts["unsafe"], "too_large": counts["too_large"]}
     tmp = marker.with_name(".llcm-extracted.tmp")
-    tmp.write_text(json.dumps({"archive": fingerprint, "unsafe": unsafe}))
+    tmp.write_text(json.dumps({"archive": fingerprint, **result}))
     os.replace(tmp, marker)
-    return {"unsafe": unsafe}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +344,9 @@ def scan_source(index: int, spec: SourceSpec, root: Path, *, path_column: str | 
             if not stat.S_ISREG(st.st_mode):
                 continue
             low = fname.lower()
+            if low.endswith(ARCHIVE_SUFFIXES):
+                result.rejected[NESTED_ARCHIVE] += 1
+                continue
             if low.endswith((".csv", ".tsv")):
                 label_files.append((rel, full))
                 continue

@@ -52,6 +52,7 @@ SEED_STRIDE = 1_000_000
 DEFAULT_TEACHER_W = 6.5  # LCM form; Stable Diffusion's default guidance scale 7.5 = 1 + w
 RESULTS_FORMAT = "llcm-eval-v1"
 THUMB = 32  # memorization SSIM size (llcm.evaluation.memorization's default)
+PR_K = 3  # k of the k-NN balls of precision / recall / density / coverage (llcm.evaluation.metrics)
 _SPEC = re.compile(r"^(?P<sampler>[a-z][a-z0-9+_-]*)?(?:@(?P<steps>\d+(?:,\d+)*))?$")
 
 
@@ -586,7 +587,7 @@ def split_features(ex, out: Path, name: str, paths: list[str], progress: bool):
                         lambda: extract_features(ex, paths, progress=progress))
 
 
-def metrics_or_none(real: np.ndarray, fake: np.ndarray, extractor: str, k: int = 3, seed: int = 0) -> dict:
+def metrics_or_none(real: np.ndarray, fake: np.ndarray, extractor: str, k: int = PR_K, seed: int = 0) -> dict:
     """compute_all, or as much of it as the sample sizes allow (FID needs 2 rows, precision/recall k + 1)."""
     from llcm.evaluation.metrics import compute_all, fid
 
@@ -629,7 +630,7 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
         # with fewer images than feature dimensions, FID from the feature rows is exact (low-rank route)
         low_rank = min(real.n, fake.n) <= ex.dim
         overall = compute_all(real.features if low_rank else real, fake.features if low_rank else fake,
-                              extractor=ex.name, seed=cfg.seed)
+                              extractor=ex.name, k=PR_K, seed=cfg.seed)
         per_class = {c.name: metrics_or_none(real.features[test_labels == c.name], fake.features[labels == c.name],
                                              ex.name, seed=cfg.seed) for c in classes}
         ident = idents[run.key]
@@ -811,6 +812,12 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     classes, test_rows = class_table(cfg.data, cfg.test_split, cfg.classes)
+    n_gen = cfg.per_class * len(classes)
+    if min(len(test_rows), n_gen) <= PR_K:  # before any image is generated
+        raise UserError(f"precision/recall need more than k={PR_K} images on each side (k-NN balls): the "
+                        f"{cfg.test_split!r} split has {len(test_rows)} images of the selected classes and each run "
+                        f"{n_gen} (--per-class {cfg.per_class} x {len(classes)} classes); use more test images, "
+                        "classes or --per-class")
     runs = plan_runs(cfg)
     t0 = time.perf_counter()
     gen = generate(cfg, runs, classes, process_index, num_processes, device)

@@ -49,6 +49,11 @@ def resolve(results: Any, ptr: str) -> Any:
     return node
 
 
+def esc(v: Any) -> str:
+    """Any value as HTML text or a quoted attribute value: formatted by :func:`fmt`, then escaped."""
+    return html.escape(fmt(v))
+
+
 def fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -74,27 +79,29 @@ class Cells:
     def num(self, *path: Any) -> str:
         ptr = pointer(*path)
         v = resolve(self.results, ptr)
+        key = html.escape(ptr)  # a pointer holds class names and labels: text from the user
         if v is None:
-            return f'<td class="na" data-key="{ptr}">–</td>'
+            return f'<td class="na" data-key="{key}">–</td>'
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f'<td data-key="{ptr}">{html.escape(fmt(v))}</td>'
-        return f'<td class="num" data-key="{ptr}" data-value="{html.escape(json.dumps(v))}">{fmt(v)}</td>'
+            return f'<td data-key="{key}">{esc(v)}</td>'
+        return f'<td class="num" data-key="{key}" data-value="{html.escape(json.dumps(v))}">{esc(v)}</td>'
 
     def span(self, *path: Any) -> str:
         """A number inside a sentence, with the same data-key / data-value as a table cell."""
         ptr = pointer(*path)
         v = resolve(self.results, ptr)
-        return f'<span class="num" data-key="{ptr}" data-value="{html.escape(json.dumps(v))}">{fmt(v)}</span>'
+        return (f'<span class="num" data-key="{html.escape(ptr)}" data-value="{html.escape(json.dumps(v))}">'
+                f'{esc(v)}</span>')
 
     @staticmethod
     def text(v: Any) -> str:
-        return f"<td>{html.escape(fmt(v))}</td>"
+        return f"<td>{esc(v)}</td>"
 
 
 def table(caption: str, extractor: str | None, header: Sequence[str], rows: Iterable[Sequence[str]],
           note: str = "") -> str:
     """extractor None: the numbers do not come from the feature extractor (the caption must say where from)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(r) + "</tr>" for r in rows)
     cap = html.escape(caption) + (f" — features: <code>{html.escape(extractor)}</code>" if extractor else "")
     extra = f'<p class="note">{note}</p>' if note else ""
@@ -331,7 +338,8 @@ def memorization_section(results: dict, c: Cells, out: Path) -> str:
     parts = ["<h2>Memorization: nearest training image of every generated image</h2>"]
     if mem["copies_found"]:
         parts.append(f'<p class="warn"><b>Possible copies of training images found:</b> '
-                     f'{mem["n_flagged"]} of {mem["n_gen"]} generated images are flagged. Inspect the pairs below '
+                     f'{esc(mem["n_flagged"])} of {esc(mem["n_gen"])} generated images are flagged. '
+                     "Inspect the pairs below "
                      "before sharing any synthetic data.</p>")
     summary_rows = [
         [c.text("generated images checked"), c.num("memorization", "n_gen")],
@@ -379,7 +387,7 @@ def reproducibility(results: dict, c: Cells) -> str:
     parts = ["<h2>Reproducibility</h2>",
              f"<p>Command:</p><pre>{html.escape(results.get('command') or '')}</pre>",
              f"<p>Process argv:</p><pre>{html.escape(' '.join(results.get('argv') or []))}</pre>",
-             f"<p>Feature extractor: <code>{html.escape(ex['name'])}</code> ({ex['dim']}-d) — "
+             f"<p>Feature extractor: <code>{html.escape(ex['name'])}</code> ({esc(ex['dim'])}-d) — "
              f"{html.escape(ex['description'])}; weights SHA-1: <code>{html.escape(str(ex.get('weights_sha1')))}"
              "</code>. Numbers from different extractors are not comparable.</p>",
              f"<p>Seeds: {html.escape(s['seed_rule'])}; the same seeds for every model and step count.</p>",
@@ -398,13 +406,14 @@ def render_html(results: dict, out: Path) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>llcm evaluation</title>"
              f"<style>{CSS}</style></head><body>",
              "<h1>llcm evaluation report</h1>",
-             f"<p>{len(results['runs'])} runs, {len(results['classes'])} classes, {s['per_class']} images per class "
+             f"<p>{len(results['runs'])} runs, {len(results['classes'])} classes, {esc(s['per_class'])} images "
+             "per class "
              f"and run; real images: the <code>{html.escape(s['test_split'])}</code> split of "
              f"<code>{html.escape(s['data'])}</code>; feature extractor <b><code>{html.escape(ex)}</code></b>. "
              f"Created {html.escape(results['created'])}.</p>"]
     mem = results.get("memorization")
     if mem and mem.get("copies_found"):
-        parts.append(f'<p class="warn">Memorization check: {mem["n_flagged"]} generated images look like '
+        parts.append(f'<p class="warn">Memorization check: {esc(mem["n_flagged"])} generated images look like '
                      "training copies (see below).</p>")
     parts += [table3(results, c), runs_table(results, c),
               f"<h2>Metrics against steps</h2>{_img(metric_plot(results), 'metrics vs steps')}",
