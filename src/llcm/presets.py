@@ -25,6 +25,8 @@ CONSISTENCY = {"ema_decay": 0.95, "k": 20, "w_min": 5.0, "w_max": 15.0, "huber_c
 # Limits of one generation request, the same for the pipeline, the server and the CLI's --help
 MAX_STEPS = 50  # the most consistency steps (the paper's 1-50: the whole k = 20 grid)
 MAX_BATCH = 64  # the most images in one call
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: 2**32 + s would repeat seed s
+MAX_SIZE = 4096  # the largest image side in pixels that generation accepts
 MAX_W = 100.0  # the largest guidance w (LCM form; guidance scale 101): far beyond any trained range, still finite
 
 # Every key a preset may hold (tests/test_models.py checks the shipped ones hold no other): "name" (messages),

@@ -19,14 +19,12 @@ import numpy as np
 import torch
 
 from llcm.consistency import ConsistencyModel
-from llcm.presets import MAX_STEPS
+from llcm.presets import MAX_SEED, MAX_SIZE, MAX_STEPS
 from llcm.schedules import Schedule, expand_like, prediction_to_x0_eps
 from llcm.solvers import get_solver
 
 Tensor = torch.Tensor
 
-MAX_SEED = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: 2**32 + s would repeat seed s
-MAX_SIZE = 4096  # the largest image side in pixels that generation accepts
 
 
 

@@ -7,8 +7,7 @@ import warnings
 from pathlib import Path
 
 from llcm.errors import UserError
-from llcm.presets import MAX_BATCH, MAX_STEPS, MAX_W
-from llcm.sampling import MAX_SEED, MAX_SIZE
+from llcm.presets import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MAX_W
 
 HELP = f"""\
 Generate medical images from text prompts with a latent consistency model in 1-8 steps (at most

@@ -6,8 +6,7 @@ import argparse
 import importlib.util
 
 from llcm.errors import UserError
-from llcm.presets import MAX_BATCH, MAX_STEPS
-from llcm.sampling import MAX_SIZE
+from llcm.presets import MAX_BATCH, MAX_SIZE, MAX_STEPS
 
 HELP = """\
 Serve a web page and an HTTP API that generate images with a latent consistency model: prompt, steps,
