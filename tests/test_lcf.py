@@ -154,7 +154,7 @@ def test_an_adapter_folder_is_a_model_for_every_command(base, latents, adapter_r
     assert file_hashes(base) == adapter_run["before"]
 
 
-def test_an_adapter_on_another_base_is_refused(base, adapter_run, tmp_path, capsys):
+def test_an_adapter_on_another_base_is_refused(base, latents, adapter_run, tmp_path, capsys):
     other = llcm_folder(tmp_path / "other", seed=1)
     out = tmp_path / "g"
     assert main(["generate", NEW[0], "--model", str(other), "--adapter", str(adapter_run["model"]),
@@ -169,7 +169,7 @@ def test_an_adapter_on_another_base_is_refused(base, adapter_run, tmp_path, caps
     meta["adapter"]["base"] = str(other)
     (moved / "llcm.json").write_text(json.dumps(meta))
     for argv in (["generate", NEW[0], "--model", str(moved), "--out", str(out)],
-                 ["finetune", "--model", str(moved), "--latents", str(tmp_path), "--out", str(out)]):
+                 ["finetune", "--model", str(moved), "--latents", str(latents), "--out", str(out)]):
         assert main(argv) == 2
         assert "was trained on base" in one_error_line(capsys) and not out.exists()
     assert main(["generate", NEW[0], "--adapter", str(base), "--out", str(out)]) == 2

@@ -7,8 +7,10 @@ left/right is anatomy (heart on the left, laterality markers), so a flipped imag
 usually wrong, anatomy.
 
 A cache remembers the VAE hash, the scaling factor, a hash of the data (metadata rows + file bytes),
-the split and the flip flag. Encoding again with all of them equal does nothing; with any of them
-different it is refused unless ``overwrite=True``, so stale latents are never reused silently.
+the split and the flip flag. Encoding again with all of them equal (and the cache file unchanged: its
+sha256 is recorded) does nothing; with any of them different it is refused unless ``overwrite=True``, so
+stale latents are never reused silently; a damaged cache is refused too, and ``overwrite=True`` encodes it
+again.
 """
 
 from __future__ import annotations
@@ -62,13 +64,18 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
     if cached.is_file():
         try:
             meta = json.loads(cached.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            meta = {}
-        diff = _stale(meta, want)
-        # a cache from before llcm recorded grayscale classes is encoded again (the same latents, plus that)
+            diff = _stale(meta, want)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            meta, diff = {}, [f"{cached.name} is damaged"]
+        # up to date: the same settings and an intact file (LatentSet.load checks its recorded sha256); a cache
+        # from before llcm recorded grayscale classes is encoded again (the same latents, plus that)
         if not diff and "grayscale" in meta and (out / "latents.safetensors").is_file():
-            return LatentSet.load(out, expect_vae_hash=want["vae_hash"]), {"skipped": True, **want}
-        if diff and not overwrite:
+            try:
+                return LatentSet.load(out, expect_vae_hash=want["vae_hash"]), {"skipped": True, **want}
+            except UserError:
+                if not overwrite:
+                    raise
+        elif diff and not overwrite:
             raise UserError(f"{out} holds latents made differently ({'; '.join(diff)}); "
                             "pass --overwrite to replace them or choose another --out")
     writable_folder(out)

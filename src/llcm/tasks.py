@@ -269,6 +269,10 @@ class DistillTask(_ConsistencyTask):
         instead of the teacher's weights, e.g. to carry a distillation over to a fine-tuned teacher."""
         if teacher.text_encoder is None:
             raise UserError("distillation needs a text-conditioned teacher (no text encoder found)")
+        if getattr(teacher.unet.config, "time_cond_proj_dim", None):
+            raise UserError("the teacher's UNet has a guidance (w) embedding: it is a distilled consistency model "
+                            "(LLCM/LCM), not a diffusion teacher; give the diffusion model it was distilled from "
+                            "(--student takes a consistency model to start from)")
         self.solver_name = solver
         solver_fn = get_solver(solver)
         teacher.unet.requires_grad_(False).eval()

@@ -34,6 +34,7 @@ from llcm.errors import UserError
 from llcm.fileio import record_name
 
 Tensor = torch.Tensor
+MAX_STEPS = 100_000_000  # a larger --steps is a typo: at 10 steps/s it would run for more than 100 days
 
 
 @dataclass
@@ -58,14 +59,26 @@ class TrainConfig:
     time_limit_minutes: float = 0.0  # > 0: end as finished (model saved) after this much training time
 
     def validate(self) -> None:
-        if self.max_steps < 1:
-            raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise UserError("batch_size and grad_accum must be >= 1")
-        if self.time_limit_minutes < 0:
-            raise UserError(f"time limit must be >= 0 minutes, got {self.time_limit_minutes}")
+        """The one check of the loop's numbers (the CLI's --steps, --lr, ... land here), before anything is written."""
+        counts = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1,
+                  "warmup_steps": 0, "sample_every": 0, "keep_checkpoints": 0, "seed": 0}
+        for name, least in counts.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.max_steps > MAX_STEPS:
+            raise UserError(f"max_steps must be at most {MAX_STEPS:,}, got {self.max_steps:,}")
+        if self.seed >= 2**32:
+            raise UserError(f"seed must be below 2**32, got {self.seed}")
+        numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
+                   "time_limit_minutes": self.time_limit_minutes}
+        for name, value in numbers.items():
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"{name} must be a finite number >= 0, got {value}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise UserError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -172,6 +185,68 @@ def writable_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+# what a run writes in its folder (config.json aside): --overwrite removes these, and only these
+RUN_ARTEFACTS = ("checkpoints", "model", "samples", "tensorboard", "metrics.jsonl", "summary.json")
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def refuse_overlap(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """A run never writes into its inputs: `out` equal to, inside or around any of them is refused."""
+    here = Path(out).expanduser().resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        other = Path(path).expanduser().resolve()
+        if here == other or other in here.parents or here in other.parents:
+            where = "is" if here == other else "is inside" if other in here.parents else "contains"
+            raise UserError(f"--out {out} {where} the input {flag} {path}: a run never writes into its inputs; "
+                            "choose another --out")
+
+
+def check_run_folder(out: str | os.PathLike, command: str, *, max_steps: int, resume: bool = False,
+                     overwrite: bool = False, inputs: dict[str, str | os.PathLike | None] | None = None) -> str | None:
+    """The one check of a training run's folder, made before anything is read or written.
+
+    `out` may be new or empty; otherwise it must be a run of the same `command` (its config.json says so)
+    continued with `resume`, unless `overwrite` (then train() removes the old run's files, RUN_ARTEFACTS).
+    Writing into an input folder (or a folder holding one) is refused even with `overwrite`. Returns a
+    one-line note when `resume` finds the run finished (its model saved at `max_steps` or beyond): there is
+    nothing to do, and a script that resumes every stage goes on."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    refuse_overlap(out, inputs or {})
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()) or overwrite:
+        return None
+    recorded = _json_file(folder / "config.json")
+    found = recorded.get("command") or recorded.get("task")
+    if not found:
+        raise UserError(f"--out {out} is not empty and holds no llcm run: choose a new folder, or pass --overwrite "
+                        "to write into it")
+    if found != command:
+        raise UserError(f"--out {out} holds a {found} run, not {command}: choose another --out, or pass --overwrite "
+                        "to replace it")
+    summary = _json_file(folder / "summary.json")
+    finished = summary.get("status") == "finished" and (folder / "model").is_dir()
+    if not resume:
+        state = f"finished at step {summary.get('step')}" if finished else "unfinished"
+        raise UserError(f"--out {out} already holds a {command} run ({state}): pass --resume to continue it or "
+                        "--overwrite to replace it")
+    if finished and isinstance(summary.get("step"), int) and summary["step"] >= max_steps:
+        return (f"{out} is a finished {command} run (step {summary['step']}, model in {folder / 'model'}): nothing "
+                "to resume; a larger --steps trains on, --overwrite starts again")
+    return None
+
+
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
 
@@ -241,20 +316,52 @@ def _recorded(config: TrainConfig) -> dict:
     return {**dataclasses.asdict(config), "out": record_name(config.out)}
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    cks = sorted(p for p in folder.glob("checkpoint-*") if (p / "state.json").exists())
-    return cks[-1] if cks else None
+def _step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
 
 
-def load_checkpoint(path: Path, task: Task, trainable: nn.Module, optimizer, scheduler) -> int:
-    trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
-    for name, m in task.state_modules().items():
-        m.load_state_dict(load_file(str(path / f"{name}.safetensors")))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                   json.loads((path / "optimizer.json").read_text())))
+def _checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-<step> folders in `folder`, intact or not (see resume_point)."""
+    return [p for p in folder.glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
+
+
+def _read_checkpoint(path: Path, task: Task) -> dict:
+    """Every file of checkpoint `path`, read and parsed (raises if one is missing or damaged)."""
     state = json.loads((path / "state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return {"step": int(state["step"]), "scheduler": state["scheduler"],
+            "trainable": load_file(str(path / "trainable.safetensors")),
+            "modules": {name: load_file(str(path / f"{name}.safetensors")) for name in task.state_modules()},
+            "optimizer": _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                              json.loads((path / "optimizer.json").read_text()))}
+
+
+def resume_point(folder: Path, task: Task, say: Callable[[str], None] = print) -> dict | None:
+    """The newest checkpoint in `folder` whose files all read back (see _read_checkpoint), or None.
+
+    A damaged one (a cut safetensors file, a missing state.json) is passed over, and `say` tells which."""
+    bad = []
+    for path in sorted(_checkpoints(folder), key=_step_of, reverse=True):
+        try:
+            ck = _read_checkpoint(path, task)
+        except Exception as exc:  # noqa: BLE001  (safetensors, json, a missing file: all mean "damaged")
+            bad.append(f"{path.name} ({type(exc).__name__})")
+            continue
+        if bad:
+            say(f"damaged checkpoint {', '.join(bad)} skipped; resuming from {path.name}")
+        return {**ck, "path": path}
+    if bad:
+        say(f"no usable checkpoint in {folder} (damaged: {', '.join(bad)}); starting from step 0")
+    return None
+
+
+def load_checkpoint(ck: dict, task: Task, trainable: nn.Module, optimizer, scheduler) -> int:
+    """Put a checkpoint read by resume_point into the run's modules; returns its step."""
+    trainable.load_state_dict(ck["trainable"])
+    for name, m in task.state_modules().items():
+        m.load_state_dict(ck["modules"][name])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    return ck["step"]
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -278,8 +385,12 @@ def _writer(out: Path, enabled: bool):
 
 
 def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool = False,
-          accelerator=None, extra_config: dict | None = None) -> dict[str, Any]:
-    """Run (or resume) a training; returns a summary. The final model goes to <out>/model."""
+          accelerator=None, extra_config: dict | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training; returns a summary. The final model goes to <out>/model.
+
+    `resume` continues from the newest intact checkpoint in <out>/checkpoints; `overwrite` first removes an
+    earlier run's files from <out> (RUN_ARTEFACTS). Which folders may be used at all is check_run_folder's
+    business: the CLI calls it before loading anything."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -297,8 +408,16 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
         print(json.dumps(record, indent=2, default=str))
     if dry_run:
         return {"dry_run": True, "config": record}
+    say = print if acc.is_main_process else (lambda message: None)
+    ck = resume_point(out / "checkpoints", task, say) if resume else None
+    if ck is not None and ck["step"] > config.max_steps:
+        raise UserError(f"{ck['path']} is at step {ck['step']}, past --steps {config.max_steps}: give --steps "
+                        f"{ck['step']} or more to continue that run")
     if acc.is_main_process:
         writable_folder(out)
+        if overwrite and not resume and (out / "config.json").is_file():  # an earlier llcm run: replace it
+            for name in RUN_ARTEFACTS:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(record, indent=2, default=str))
         task.begin(out)
     n = task.num_examples()
@@ -314,13 +433,12 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     task.to(acc.device)
 
     step = 0
-    ck = latest_checkpoint(out / "checkpoints") if resume else None
     if ck is not None:
         step = load_checkpoint(ck, task, acc.unwrap_model(model), optimizer, scheduler)
-        if acc.is_main_process:
-            print(f"resumed from {ck} at step {step}")
-    elif resume and acc.is_main_process:
-        print(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
+        say(f"resumed from {ck['path']} at step {step}")
+        del ck
+    elif resume and not any(_checkpoints(out / "checkpoints")):
+        say(f"no checkpoint in {out / 'checkpoints'}; starting from step 0")
 
     stop = _StopFlag()  # on every process: schedulers signal all ranks, or sometimes only one
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
@@ -390,7 +508,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                 if acc.is_main_process:
                     save_checkpoint(out / "checkpoints", step, task, acc.unwrap_model(model), optimizer,
                                     scheduler, config)
-                    _prune(out / "checkpoints", config.keep_checkpoints)
+                    _prune(out / "checkpoints", config.keep_checkpoints, step)
             if interrupted:
                 status = "interrupted"
                 if acc.is_main_process:
@@ -410,7 +528,8 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
             signal.signal(s, h)
         if log_file:
             log_file.close()
-    summary = {"task": task.name, "status": status, "step": step, "loss": last_loss, "out": str(out)}
+    summary = {"task": task.name, "status": status, "step": step, "out": str(out),
+               "loss": last_loss if math.isfinite(last_loss) else None}  # None: no step ran (resumed at the end)
     if timed_out:
         summary["stopped_by"] = f"time limit ({config.time_limit_minutes:g} min) at step {step} of {config.max_steps}"
     if status == "finished":
@@ -439,9 +558,13 @@ def _save_sample(task: Task, out: Path, step: int, writer) -> None:
         writer.add_image("samples", np.asarray(img), step, dataformats="HWC")
 
 
-def _prune(folder: Path, keep: int) -> None:
-    cks = sorted(p for p in folder.glob("checkpoint-*"))
-    for p in cks[:-keep] if keep > 0 else []:
+def _prune(folder: Path, keep: int, step: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step`; any beyond `step` belong to an abandoned run (a damaged
+    checkpoint passed over on resume) and go too."""
+    cks = sorted(_checkpoints(folder), key=_step_of)
+    stale = [p for p in cks if _step_of(p) > step]
+    kept = [p for p in cks if _step_of(p) <= step]
+    for p in stale + (kept[:-keep] if keep > 0 else []):
         shutil.rmtree(p, ignore_errors=True)
 
 

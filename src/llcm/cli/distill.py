@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llcm.cli.options import LOOP_HELP, consistency_kwargs, consistency_options, load_latents, require_folder, run_training
+from llcm.cli.options import (LOOP_HELP, consistency_kwargs, consistency_options, load_latents, prepare_run,
+                              require_folder, run_training)
 from llcm.errors import UserError
 from llcm.presets import training_defaults
 
@@ -46,6 +47,9 @@ def run_distill(args) -> int:
     if args.solver not in SOLVERS:
         raise UserError(f"unknown solver {args.solver!r}; choose from {', '.join(SOLVERS)}")
     d = training_defaults(args.preset, "distill")
+    cfg = prepare_run(args, d, "distill")
+    if cfg is None:  # resumed a finished run: nothing to do
+        return 0
     require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     teacher = load_components(args.teacher)
     student = None
@@ -55,7 +59,7 @@ def run_distill(args) -> int:
         student = load_components(args.student).unet
     data = load_latents(args.latents, teacher)
     return run_training(lambda: DistillTask(teacher, data, solver=args.solver, student=student, **consistency_kwargs(args, d)),
-                args, d, "distill")
+                        args, cfg, "distill")
 
 
 FINETUNE_HELP = """\
@@ -148,6 +152,9 @@ def run_finetune(args) -> int:
     from llcm.tasks import FinetuneTask
 
     d = training_defaults(args.preset, "finetune")
+    cfg_loop = prepare_run(args, d, "finetune")
+    if cfg_loop is None:  # resumed a finished run: nothing to do
+        return 0
     check_fraction(args.replay)
     if args.merge and not args.lora_rank:
         raise UserError("--merge only applies to --lora-rank (a full fine-tune always writes a full model)")
@@ -173,7 +180,7 @@ def run_finetune(args) -> int:
     return run_training(lambda: FinetuneTask(model, data, **consistency_kwargs(args, d), adapter_base=base, replay=replay,
                                      replay_fraction=args.replay, replay_cache=cache, k_start=args.k_start,
                                      k_ramp=args.k_ramp, base_grayscale=cfg.get("grayscale", [])),
-                args, d, "finetune")
+                        args, cfg_loop, "finetune")
 
 
 def register(sub) -> None:

@@ -30,7 +30,8 @@ def register(sub) -> None:
     e.add_argument("--flip", action="store_true",
                    help="also add horizontally flipped copies. Off by default: in medical images left/right is "
                         "anatomy (laterality, situs), so a flipped image shows a different, often impossible, body")
-    e.add_argument("--overwrite", action="store_true", help="replace a cache made by another VAE, data or setting")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a cache made by another VAE, data or setting, or a damaged one")
     e.add_argument("--batch", type=int, default=16, help="images per encoder batch (default 16)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_encode)

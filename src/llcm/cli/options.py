@@ -29,7 +29,9 @@ def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAct
 
 LOOP_HELP = """\
 every training: checkpoints (safetensors) every --checkpoint-every steps and on Ctrl-C/SIGTERM;
---resume continues from the latest one bit-for-bit; metrics.jsonl (+ TensorBoard if installed) and
+--resume continues from the latest intact one bit-for-bit (a finished run: nothing to do); a non-empty
+OUT is refused unless --resume continues the same command's run there or --overwrite replaces it, and
+OUT is never an input folder, inside one or around one; metrics.jsonl (+ TensorBoard if installed) and
 sample grids in OUT; the final model in OUT/model; --dry-run prints the resolved config and stops.
 Several processes: accelerate launch --num_processes N -m llcm.cli ... (same global --batch)."""
 
@@ -39,7 +41,10 @@ def add_run_options(g) -> None:
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints, model, samples, metrics); without it a "
+                        "non-empty --out is refused unless --resume continues the same command's run there")
     g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                    help="stop after this much training time and save the model as if finished (default: none)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
@@ -97,16 +102,64 @@ def recorded_args(args: argparse.Namespace, skip: tuple[str, ...] = ("func",)) -
     return {k: record_name(v) if isinstance(v, str) else v for k, v in vars(args).items() if k not in skip}
 
 
-def run_training(task_factory, args, defaults, section):
+# the options of the training commands that name folders a run reads: --out may never be, hold or lie in one
+INPUT_OPTIONS = ("model", "base", "teacher", "student", "latents", "replay_latents", "init", "data", "anchor",
+                 "anchor_model")
+
+
+def input_folders(args: argparse.Namespace) -> dict[str, str]:
+    from llcm.pipeline import resolve_model
+
+    found = {}
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                found[f"--{name.replace('_', '-')}"] = str(resolve_model(value))  # "default": the shipped model
+            except UserError:
+                pass
+    return found
+
+
+def check_out(args: argparse.Namespace, cfg, command: str) -> bool:
+    """What every training command checks first, before loading or writing anything: the loop's numbers
+    (TrainConfig.validate) and the run folder cfg.out (llcm.training.check_run_folder). True when --resume
+    finds the run already finished: it says so, and the command has nothing to do."""
+    from llcm.training import check_run_folder
+
+    cfg.validate()
+    note = check_run_folder(cfg.out, command, max_steps=cfg.max_steps, resume=args.resume, overwrite=args.overwrite,
+                            inputs=input_folders(args))
+    if note:
+        print(note)
+    return note is not None
+
+
+def prepare_run(args: argparse.Namespace, defaults: dict, command: str):
+    """The loop configuration of a training command, checked with its run folder (check_out); None when the
+    run is already finished."""
+    cfg = loop_config(args, defaults)
+    return None if check_out(args, cfg, command) else cfg
+
+
+def outcome(summary: dict) -> str:
+    """'finished at step 40, loss 0.1234' (no loss when no step ran)."""
+    loss = "" if summary.get("loss") is None else f", loss {summary['loss']:.4g}"
+    return f"{summary['status']} at step {summary['step']}{loss}"
+
+
+def run_training(task_factory, args, cfg, section):
     from llcm.training import train
 
-    cfg = loop_config(args, defaults)
     task = task_factory()
     extra = {"command": section, "args": recorded_args(args)}
-    summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
+    try:
+        summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra,
+                        overwrite=args.overwrite)
+    except FloatingPointError as exc:  # the loop's NaN guard: its message says what to do
+        raise UserError(str(exc)) from None
     if not args.dry_run:
-        print(f"{section}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}; "
-              f"model: {summary.get('model', '-')}")
+        print(f"{section}: {outcome(summary)}; model: {summary.get('model', '-')}")
     return 0 if summary.get("status", "finished") in ("finished", "interrupted") or args.dry_run else 1
 
 

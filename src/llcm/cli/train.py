@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from llcm.cli.options import (LOOP_HELP, add_loop_options, add_run_options, load_latents, loop_config, require_folder, run_training,
+from llcm.cli.options import (LOOP_HELP, add_loop_options, add_run_options, check_out, input_folders, load_latents,
+                              loop_config, outcome, prepare_run, recorded_args, require_folder, run_training,
                               train_subparsers)
-from llcm.cli.options import recorded_args
 from llcm.errors import UserError
 from llcm.fileio import record_name
 from llcm.presets import training_defaults
@@ -95,6 +95,12 @@ def run_train_vae(args: argparse.Namespace) -> int:
         raise UserError("--anchor-model needs --anchor (the images whose latents are held)")
     if args.anchor_weight < 0:
         raise UserError(f"--anchor-weight must be >= 0, got {args.anchor_weight}")
+    cfg = TrainConfig(out=args.out, max_steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
+                      lr=args.lr, warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=not args.quiet,
+                      time_limit_minutes=args.time_limit)
+    if check_out(args, cfg, "vae"):  # resumed a finished run: nothing to do
+        return 0
     if args.init:
         vae = load_vae(args.init)
         source = {"init": record_name(args.init)}
@@ -114,12 +120,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
         if (eval_split.height, eval_split.width) != (train_split.height, train_split.width):
             raise UserError(f"the {args.eval_split} images are {eval_split.width}x{eval_split.height} but the train "
                             f"images are {train_split.width}x{train_split.height}")
-    cfg = TrainConfig(out=args.out, max_steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum,
-                      lr=args.lr, warmup_steps=args.warmup, mixed_precision=args.mixed_precision, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=not args.quiet,
-                      time_limit_minutes=args.time_limit)
-    cfg.validate()
-    extra = {"data": record_name(args.data), "data_hash": train_split.data_hash, "train_images": len(train_split),
+    extra = {"command": "vae", "data": record_name(args.data), "data_hash": train_split.data_hash,
+             "train_images": len(train_split),
              "eval_split": eval_split.split if eval_split else "train (no test split)",
              "image_size": [train_split.height, train_split.width], "kl_weight": kl_weight,
              "hard_pixel_weight": args.hard_pixel_weight, "anchor": args.anchor and record_name(args.anchor),
@@ -158,7 +160,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
                    anchor_latents=anchor_z,
                    source={"data": record_name(args.data), "data_hash": train_split.data_hash, **source})
     try:
-        summary = train(task, cfg, resume=args.resume, extra_config=extra)
+        summary = train(task, cfg, resume=args.resume, extra_config=extra, overwrite=args.overwrite)
     except FloatingPointError as exc:
         raise UserError(str(exc)) from None
     if summary["status"] != "finished":
@@ -241,6 +243,9 @@ def run_teacher(args) -> int:
     from llcm.tasks import TeacherTask
 
     d = training_defaults(args.preset, "teacher")
+    cfg = prepare_run(args, d, "teacher")
+    if cfg is None:  # resumed a finished run: nothing to do
+        return 0
     require_folder(args.latents, "latent cache", "create it with `llcm encode`")
     comps = teacher_components(args)
     data = load_latents(args.latents, comps)
@@ -249,7 +254,7 @@ def run_teacher(args) -> int:
         comps.unet.register_to_config(sample_size=int(data.latents.shape[-1]))
     return run_training(lambda: TeacherTask(comps, data, cond_dropout=args.cond_dropout, lora_rank=args.lora_rank,
                                     train_text_encoder=args.train_text_encoder),
-                args, d, "teacher")
+                        args, cfg, "teacher")
 
 
 # ------------------------------------------------------------------------------------------ dreambooth
@@ -290,9 +295,11 @@ def register_dreambooth(train_sub) -> None:
 def run_dreambooth(args: argparse.Namespace) -> int:
     from llcm.dreambooth import DreamBoothTask, class_rows, slug, write_set_entry
     from llcm.models import load_components, model_hash
-    from llcm.training import train
+    from llcm.training import refuse_overlap, train
 
     d = args._db_defaults
+    loop_config(args, d).validate()
+    refuse_overlap(args.out, input_folders(args))  # OUT holds one run per class: each is checked below
     probe = load_components(args.teacher)
     data = load_latents(args.latents, probe)
     teacher_hash = model_hash(probe)
@@ -301,27 +308,34 @@ def run_dreambooth(args: argparse.Namespace) -> int:
         else [c.strip() for c in args.classes.split(",") if c.strip()]
     names = [class_rows(data, c)[1] for c in wanted]  # validates every class before any training
     out = Path(args.out)
-    status = 0
-    for name in names:
+    todo = []
+    for name in names:  # every class's folder is checked before any is trained
         sub = out / slug(name)
         done = sub / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("status") == "finished" and not args.dry_run:
+        if (done.is_file() and json.loads(done.read_text()).get("status") == "finished" and not args.dry_run
+                and not args.overwrite):
             print(f"dreambooth {name}: already trained ({sub / 'model'})")
             continue
+        cfg = loop_config(args, d)
+        cfg.out = str(sub)
+        if not check_out(args, cfg, "dreambooth"):
+            todo.append((name, cfg))
+    status = 0
+    for name, cfg in todo:
+        sub = Path(cfg.out)
         comps = load_components(args.teacher)  # a fresh teacher for every class
         class_prompt = class_rows(data, name)[2]
         task = DreamBoothTask(comps, data, name, instance_prompt=None if args.instance_prompt == "rare" else
                               class_prompt, rare_token=args.rare_token, num_prior=args.num_prior,
                               prior_weight=args.prior_weight, prior_steps=args.prior_steps, prior_w=args.prior_w,
                               cond_dropout=args.cond_dropout, seed=args.seed)
-        cfg = loop_config(args, d)
-        cfg.out = str(sub)
         extra = {"command": "dreambooth", "dreambooth": task.record(),
                  "args": recorded_args(args, ("func", "_db_defaults"))}
-        summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra)
+        summary = train(task, cfg, resume=args.resume, dry_run=args.dry_run, extra_config=extra,
+                        overwrite=args.overwrite)
         if args.dry_run:
             continue
-        print(f"dreambooth {name}: {summary['status']} at step {summary['step']}, loss {summary['loss']:.4g}")
+        print(f"dreambooth {name}: {outcome(summary)}")
         if summary["status"] == "finished":
             write_set_entry(out, task, sub / "model", record_name(args.teacher), teacher_hash)
         else:
