@@ -27,6 +27,7 @@ MAX_STEPS = 50  # the most consistency steps (the paper's 1-50: the whole k = 20
 MAX_BATCH = 64  # the most images in one call
 MAX_SEED = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: 2**32 + s would repeat seed s
 MAX_SIZE = 4096  # the largest image side in pixels that generation accepts
+MAX_TRAIN_STEPS = 100_000_000  # a larger --steps is a typo: at 10 steps/s it would run for more than 100 days
 MAX_W = 100.0  # the largest guidance w (LCM form; guidance scale 101): far beyond any trained range, still finite
 
 # Every key a preset may hold (tests/test_models.py checks the shipped ones hold no other): "name" (messages),

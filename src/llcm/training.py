@@ -32,9 +32,9 @@ from torch import nn
 
 from llcm.errors import UserError
 from llcm.fileio import record_name
+from llcm.presets import MAX_SEED, MAX_TRAIN_STEPS
 
 Tensor = torch.Tensor
-MAX_STEPS = 100_000_000  # a larger --steps is a typo: at 10 steps/s it would run for more than 100 days
 
 
 @dataclass
@@ -66,10 +66,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
-        if self.max_steps > MAX_STEPS:
-            raise UserError(f"max_steps must be at most {MAX_STEPS:,}, got {self.max_steps:,}")
-        if self.seed >= 2**32:
-            raise UserError(f"seed must be below 2**32, got {self.seed}")
+        if self.max_steps > MAX_TRAIN_STEPS:
+            raise UserError(f"max_steps must be at most {MAX_TRAIN_STEPS:,}, got {self.max_steps:,}")
+        if self.seed > MAX_SEED:
+            raise UserError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
                    "time_limit_minutes": self.time_limit_minutes}
         for name, value in numbers.items():
