@@ -8,6 +8,8 @@ import pytest
 
 from llcm.evaluation.report import render_html, resolve
 
+from cli_checks import one_error_line
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 XSS_CLASS = 'brain" onmouseover="alert(1)" x="'
@@ -92,19 +94,13 @@ def generate(out, *extra) -> int:
     return main(["generate", "x", "--model", "tiny-cpu", "--steps", "1", "--out", str(out), *extra])
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 def test_generate_refuses_to_overwrite_generation_json_and_grid(tmp_path, capsys):
     for name in ("generation.json", "grid.png"):
         out = tmp_path / name
         out.mkdir()
         (out / name).write_text("mine")
         assert generate(out) == 2
-        assert f"{out / name} already exists" in one_line_error(capsys)
+        assert f"{out / name} already exists" in one_error_line(capsys)
         assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "mine"
 
 
@@ -117,7 +113,7 @@ def test_generate_never_writes_through_a_link_out_of_its_folder(tmp_path, capsys
     links = {"000_seed0.png": "kept.png", "grid.png": "new-grid.png", "generation.json": "new.json"}
     for name, target in links.items():
         (out / name).symlink_to(outside / target)  # one to an existing file, two dangling
-    assert generate(out) == 2 and "already exists" in one_line_error(capsys)
+    assert generate(out) == 2 and "already exists" in one_error_line(capsys)
     assert generate(out, "--overwrite") == 0
     assert sorted(p.name for p in outside.iterdir()) == ["kept.png"]
     assert (outside / "kept.png").read_text() == "precious"
@@ -139,7 +135,7 @@ def test_generate_never_writes_through_a_link_out_of_its_folder(tmp_path, capsys
 ])
 def test_generate_refuses_out_of_range_numbers_with_one_line(argv, bound, tmp_path, capsys):
     assert generate(tmp_path / "o", *argv) == 2
-    assert one_line_error(capsys) == f"llcm generate: error: {bound}"
+    assert one_error_line(capsys) == f"llcm generate: error: {bound}"
     assert not (tmp_path / "o").exists()
 
 
@@ -186,7 +182,7 @@ def test_a_damaged_model_file_is_named_in_one_line(model_copy, name, damage, tmp
     path.write_bytes(DAMAGE[damage](good))
     try:
         assert generate(tmp_path / "o", "--model", str(model_copy)) == 2
-        line = one_line_error(capsys)
+        line = one_error_line(capsys)
     finally:
         path.write_bytes(good)
     assert line.startswith(f"llcm generate: error: {path} ") and not (tmp_path / "o").exists()
@@ -210,7 +206,7 @@ def test_a_broken_llcm_json_value_is_refused_in_one_line(model_copy, change, mes
     path.write_text(json.dumps(json.loads(good) | change))
     try:
         assert generate(tmp_path / "o", "--model", str(model_copy)) == 2
-        line = one_line_error(capsys)
+        line = one_error_line(capsys)
     finally:
         path.write_text(good)
     assert line.startswith(f"llcm generate: error: {path}: ") and message in line, line
@@ -233,6 +229,6 @@ def test_evaluate_with_fewer_test_images_than_the_knn_k_is_one_line(tmp_path, ca
                f"m={default_model_path()}", "--steps", "1", "--per-class", "8", "--extractor", "filterbank",
                "--quiet"])
     assert rc == 2
-    line = one_line_error(capsys)
+    line = one_error_line(capsys)
     assert "need more than k=3 images on each side" in line and "has 3 images" in line, line
     assert not list((tmp_path / "out").rglob("*.png"))

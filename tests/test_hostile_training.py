@@ -19,6 +19,7 @@ from llcm.pipeline import LLCMConfig, save_model_folder
 from llcm.schedules import Schedule
 from llcm.training import TrainConfig, train
 from llcm.vae import load_vae, vae_hash
+from cli_checks import one_error_line
 from test_lcf import NEW, llcm_folder
 from train_worker import make_task, micro_components
 
@@ -30,12 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def file_hashes(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and ": error: " in err[0] and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from llcm.models import add_guidance_embedding, model_hash
 from llcm.pipeline import LLCMConfig, save_model_folder
 from llcm.schedules import Schedule
 from llcm.vae import load_vae, vae_hash
+from cli_checks import one_error_line
 from train_worker import micro_components
 
 FAST = ["--steps", "2", "--batch", "4", "--quiet", "--checkpoint-every", "1", "--replay", "0"]  # plain LCF
@@ -50,12 +51,6 @@ def file_hashes(folder: Path) -> dict:
 
 def pixels(folder: Path) -> np.ndarray:
     return np.asarray(Image.open(folder / "000_seed0.png"), dtype=np.int16)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and ": error: " in err[0] and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +349,6 @@ def test_replay_of_the_base_classes_is_on_by_default(base, latents, tmp_path):
     made = json.loads((out / "model" / "llcm.json").read_text())
     assert DEFAULT_FRACTION == 0.25 and made["source"]["replay"]["fraction"] == DEFAULT_FRACTION
     assert made["classes"] == NEW + OLD and (out / "replay").is_dir()
-
 
 
 def test_cosine_lcf_resumed_from_a_checkpoint_ends_where_an_unbroken_run_does(base, latents, tmp_path):

@@ -11,6 +11,8 @@ from llcm.pipeline import LLCMPipeline, load_pipeline
 from llcm.sampling import MAX_STEPS, consistency_timesteps, max_steps
 from llcm.serve import Limits, Service
 
+from cli_checks import one_error_line
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -20,12 +22,6 @@ def k200_folder(tmp_path_factory):
     pipe = load_pipeline("tiny-cpu")
     pipe.config.k = 200
     return pipe.save(tmp_path_factory.mktemp("k200") / "model")
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_consistency_timesteps_stop_at_the_pipelines_step_bound():
@@ -77,7 +73,7 @@ def test_w_that_is_nan_infinite_negative_or_absurd_is_refused_with_one_line(tmp_
     assert not any((tmp_path / "serve").iterdir())
     for w in ("nan", "inf", "-inf"):
         assert main(["generate", "x", "--model", "tiny-cpu", f"--w={w}", "--out", str(tmp_path / "gen")]) == 2
-        assert "w must be a number between 0 and 100" in one_line_error(capsys)
+        assert "w must be a number between 0 and 100" in one_error_line(capsys)
     for kw in ({"w": math.nan}, {"teacher_w": math.inf}):
         with pytest.raises(UserError, match="must be a finite number >= 0"):
             EvalConfig(data="d", models=[ModelSpec("m", "p")], out="o", **kw).validate()

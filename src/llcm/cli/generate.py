@@ -6,6 +6,7 @@ import argparse
 import warnings
 from pathlib import Path
 
+from llcm.cli.options import add_model_options
 from llcm.errors import UserError
 from llcm.presets import MAX_BATCH, MAX_SEED, MAX_SIZE, MAX_STEPS, MAX_W
 
@@ -34,14 +35,7 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the text prompt (or use --prompt, repeatable)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--model", default=None,
-                   help="a local model folder (llcm or diffusers LCM format, or an adapter folder from `llcm "
-                        "finetune --lora-rank`), 'default' (the model shipped with llcm) or a preset name; "
-                        "default: the shipped model. With --adapter: the base to apply it to")
-    p.add_argument("--adapter", default=None, metavar="FOLDER",
-                   help="an adapter folder from `llcm finetune --lora-rank`: merged into a copy of the base in "
-                        "memory (the base's files are only read). The base is --model, else the one the adapter "
-                        "records; a base whose UNet hash differs from the recorded one is refused")
+    add_model_options(p)
     p.add_argument("--steps", type=int, default=4,
                    help=f"consistency steps (default 4): at most {MAX_STEPS}, and one per point of the model's skipping "
                         "grid (1000 // k)")

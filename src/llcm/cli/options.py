@@ -27,6 +27,18 @@ def train_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAct
     return group
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --adapter, as generate and serve take them."""
+    p.add_argument("--model", default=None,
+                   help="a local model folder (llcm or diffusers LCM format, or an adapter folder from `llcm "
+                        "finetune --lora-rank`), 'default' (the model shipped with llcm) or a preset name; "
+                        "default: the shipped model. With --adapter: the base to apply it to")
+    p.add_argument("--adapter", default=None, metavar="FOLDER",
+                   help="an adapter folder from `llcm finetune --lora-rank`: merged into a copy of the base in "
+                        "memory (the base's files are only read). The base is --model, else the one the adapter "
+                        "records; a base whose UNet hash differs from the recorded one is refused")
+
+
 LOOP_HELP = """\
 every training: checkpoints (safetensors) every --checkpoint-every steps and on Ctrl-C/SIGTERM;
 --resume continues from the latest intact one bit-for-bit (a finished run: nothing to do); a non-empty

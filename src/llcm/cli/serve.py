@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from llcm.cli.options import add_model_options
 from llcm.errors import UserError
 from llcm.presets import MAX_BATCH, MAX_SIZE, MAX_STEPS
 
@@ -30,12 +31,7 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser("serve", help="web page + HTTP API for generation (pip install 'llcm[ui]')",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="a local model folder (or an adapter folder), 'default' (the model shipped with llcm) or a "
-                        "preset name; default: the shipped model. With --adapter: the base to apply it to")
-    p.add_argument("--adapter", default=None, metavar="FOLDER",
-                   help="an adapter folder from `llcm finetune --lora-rank`, merged into a copy of the base in memory "
-                        "(--model, else the base it records; a base with another UNet hash is refused)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; anything else is exposed)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")

@@ -290,6 +290,9 @@ def pool_context():
     return mp.get_context("spawn")
 
 
+IN_FLIGHT = 8  # files queued per worker: enough that no worker waits while the oldest result is collected
+
+
 def run_tasks(tasks: list[tuple], workers: int, on_result, progress=None) -> None:
     """Run `process_item` over tasks (results in task order), inline or in worker processes.
 
@@ -305,7 +308,7 @@ def run_tasks(tasks: list[tuple], workers: int, on_result, progress=None) -> Non
         while pending:
             pending = _run_pool(pending, workers, on_result, progress)
             if pending:  # the pool broke: the files in flight, one by one
-                suspects, pending = pending[: 2 * workers], pending[2 * workers:]
+                suspects, pending = pending[: IN_FLIGHT * workers], pending[IN_FLIGHT * workers:]
                 for task in suspects:
                     _run_pool([task], 1, on_result, progress, died=True)
 
@@ -317,7 +320,7 @@ def _deliver(rec: dict, on_result, progress) -> None:
 
 
 def _run_pool(tasks: list[tuple], workers: int, on_result, progress, died: bool = False) -> list[tuple]:
-    """Run tasks in a process pool, at most 2 x workers in flight, results in order; returns the tasks
+    """Run tasks in a process pool, at most IN_FLIGHT x workers in flight, results in order; returns the tasks
     without a result when a worker died (all of them from the oldest in flight), or [] when done.
     With `died`, a lost task is recorded as `decoder_process_died` instead of returned."""
     from collections import deque
@@ -329,7 +332,7 @@ def _run_pool(tasks: list[tuple], workers: int, on_result, progress, died: bool 
         i = 0
         try:
             while i < len(tasks) or flight:
-                while i < len(tasks) and len(flight) < 2 * workers:
+                while i < len(tasks) and len(flight) < IN_FLIGHT * workers:
                     flight.append(pool.submit(process_item, tasks[i]))
                     i += 1
                 _deliver(flight[0].result(), on_result, progress)
