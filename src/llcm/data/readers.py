@@ -170,9 +170,11 @@ def decode_file(path: Path, *, nifti_axis: str = "axial", nifti_step: int = 1,
             size = os.fstat(fh.fileno()).st_size
             if size > MAX_FILE_BYTES:
                 raise Rejected(TOO_LARGE, f"{size} bytes")
-            data = fh.read(MAX_FILE_BYTES + 1)
+            data = fh.read(size + 1)  # sized by fstat: read(MAX + 1) would reserve 512 MiB for every file
     except OSError as exc:
         raise Rejected(UNREADABLE, type(exc).__name__) from None
+    if len(data) > MAX_FILE_BYTES:  # it grew while being read
+        raise Rejected(TOO_LARGE, f"more than {MAX_FILE_BYTES} bytes")
     if not data:
         raise Rejected(UNREADABLE, "empty file")
     kind = file_kind(path, data[:512])
