@@ -25,7 +25,7 @@ lcf() {  # one modality: data, latents, one LCF run per budget (two threads: the
     --test-per-modality 80 --no-augment --quiet
   llcm encode --data "$d/data" --model default --out "$d/lat" --quiet
   for b in $BUDGETS; do  # separate runs: the learning rate's cosine ends at each run's --steps
-    [ -d "$d/lcf-$b" ] || { OMP_NUM_THREADS=2 llcm finetune --model default --latents "$d/lat" --out "$d/lcf-run-$b" \
+    [ -d "$d/lcf-$b" ] || { OMP_NUM_THREADS=2 llcm finetune --model default --latents "$d/lat" --out "$d/lcf-run-$b" --resume \
       --steps "$b" --replay 0 --quiet $LCF_OPTS; cp -r "$d/lcf-run-$b/model" "$d/lcf-$b"; }
   done
 }
@@ -43,9 +43,9 @@ first=${MODS%% *}
 d="$R/$first"
 for m in $MODS; do evaluate "$m" & done
 wait
-[ -d "$d/replay/model" ] || llcm finetune --model default --latents "$d/lat" --out "$d/replay" --steps "$last" \
+[ -d "$d/replay/model" ] || llcm finetune --model default --latents "$d/lat" --out "$d/replay" --resume --steps "$last" \
   --replay 0.25 --quiet $LCF_OPTS &
-[ -d "$d/adapter/model" ] || llcm finetune --model default --latents "$d/lat" --out "$d/adapter" --steps "$last" \
+[ -d "$d/adapter/model" ] || llcm finetune --model default --latents "$d/lat" --out "$d/adapter" --resume --steps "$last" \
   --lora-rank 8 --replay 0 --quiet $LCF_OPTS &
 wait
 llcm evaluate --data "$d/data" --out "$d/eval-keep" --model "replay=$d/replay/model" --model "adapter=$d/adapter/model" \
