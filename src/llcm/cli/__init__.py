@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "llcm.cli.encode",
     "llcm.cli.distill",
     "llcm.cli.generate",
+    "llcm.cli.synthesize",
     "llcm.cli.evaluate",
     "llcm.cli.serve",
 ]
@@ -33,6 +34,7 @@ typical workflow (the shipped default model; add --preset sd15 --base PATH for S
   llcm finetune --model default --latents lat/mine --out runs/mine  adapt the model (LCF, about 12 min)
   llcm generate "a prompt of data/mine" --model runs/mine/model
   llcm evaluate --data data/mine --model mine=runs/mine/model --out runs/eval
+  llcm synthesize --model runs/mine/model --per-class 500 --out synth/mine   a synthetic dataset
   llcm <command> --help                                             every command explains its options
 
 Nothing is ever downloaded: models and data are local folders you pass by path.

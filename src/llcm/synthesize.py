@@ -1,0 +1,431 @@
+"""`llcm synthesize`: a synthetic dataset another tool can read, in the layout `llcm data build` writes.
+
+    OUT/train/<class>/<index>.png|.dcm|.nii.gz   one image per file (a --stack NIfTI: one volume per class)
+    OUT/train/metadata.jsonl                      rows as `llcm data build` writes them (file_name, text, class,
+                                                  taxonomy fields) plus seed, steps, w, model_hash, synthetic
+    OUT/card.md, OUT/stats.json                   the model's card and the counts and settings
+    OUT/.synthesize/                              the journal a rerun resumes from (removed nowhere: it is small)
+
+Image i of class c is drawn with seed `seed + c * SEED_STRIDE + i`, c the class's position in the model's class
+list (as `llcm evaluate` seeds its classes), in batches that start at fixed indices: a rerun, or a run resumed after a
+kill, writes the same bytes, and one image is what `llcm generate --seed` gives for that seed and prompt (the
+same sampler and decoder; only the batch differs, which moves a float by ~1e-5: at most one grey level, on
+0.03% of the pixels of the default model's images).
+With `filter_memorized` every image is checked against the model's training images (llcm.evaluation.memorization,
+thresholds set once from the training set's own nearest-neighbour baseline); a flagged one is dropped and its
+class draws on with the next seed of its stream, so the class still gets `per_class` images.
+
+A class's colour mode follows its taxonomy: MRI, CT, X-ray, ultrasound ... are single-channel files, fundus
+photographs and histopathology RGB; a modality the taxonomy does not know follows the model's measured
+`grayscale` list (llcm.json).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from llcm.errors import UserError
+
+FORMAT = "llcm-synthetic-v1"
+FORMATS = ("png", "dicom", "nifti")
+SUFFIX = {"png": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
+SEED_STRIDE = 1_000_000  # = llcm.evaluation.evaluate.SEED_STRIDE: class c's images use seeds seed + c * stride + i
+STATE = ".synthesize"
+GRAYSCALE_MODALITIES = {"X-ray", "CT", "MRI", "ultrasound", "mammography", "PET", "OCT", "angiography",
+                        "dental X-ray", "nuclear medicine"}
+COLOUR_MODALITIES = {"fundus photograph", "dermoscopy", "clinical photograph", "histopathology", "microscopy",
+                     "endoscopy"}
+TAXONOMY_FIELDS = ("species", "body_part", "disease", "condition", "modality")
+SETTINGS = ("model_hash", "classes", "per_class", "steps", "w", "seed", "format", "stack", "batch",
+            "filter_memorized", "height", "width")
+
+
+@dataclass
+class SynthClass:
+    text: str  # the prompt
+    id: str  # the class name (data build's `class`)
+    folder: str
+    position: int  # in the model's class list: the seed stream
+    grayscale: bool
+    fields: dict  # species, body_part, disease, condition, modality
+
+
+def _slug(text: str) -> str:
+    from llcm.data.taxonomy import slug
+
+    return slug(text)[:60].strip("-") or "class"
+
+
+def class_table(model_classes: Sequence[str], model_grayscale: Sequence[str], data: str | os.PathLike | None = None
+                ) -> list[SynthClass]:
+    """Every class the model knows, with its name and taxonomy: from the dataset it was trained on (`data`, its
+    stats.json) when given, else from `llcm data mini`'s table (the default model's classes), else from the
+    taxonomy's vocabulary matched against the prompt's words (the class named after the prompt)."""
+    from llcm.data.mini import CLASSES as MINI
+    from llcm.data.taxonomy import Taxonomy, words
+
+    known: dict[str, tuple[str, str, dict]] = {}
+    for c in MINI:
+        known[c.prompt] = (c.name, c.name, {"species": "human", "body_part": c.body_part, "disease": c.disease,
+                                             "condition": c.condition, "modality": c.modality})
+    if data is not None:
+        stats_path = Path(data) / "stats.json"
+        try:
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+            for cid, c in stats["classes"].items():
+                known[c["prompt"]] = (cid, c.get("folder") or cid, {f: str(c.get(f) or "") for f in TAXONOMY_FIELDS})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{stats_path} is not an llcm dataset's stats.json ({exc})") from None
+    taxonomy = Taxonomy()
+    table, folders = [], set()
+    for i, text in enumerate(model_classes):
+        if text in known:
+            cid, folder, fields = known[text]
+        else:
+            found, _ = taxonomy.match(words(text))
+            fields = {f: " and ".join(found.get(f, [])) for f in TAXONOMY_FIELDS}
+            fields["species"] = fields["species"] or taxonomy.default_species
+            cid = folder = _slug(text)
+        base, n = folder, 2
+        while folder in folders:  # two prompts that slug alike
+            folder, n = f"{base}-{n}", n + 1
+        folders.add(folder)
+        modality = fields.get("modality", "")
+        grey = (modality in GRAYSCALE_MODALITIES if modality in GRAYSCALE_MODALITIES | COLOUR_MODALITIES
+                else text in model_grayscale)
+        table.append(SynthClass(text, cid, folder, i, grey, fields))
+    return table
+
+
+def select_classes(table: list[SynthClass], names: Sequence[str] | None) -> list[SynthClass]:
+    """The classes asked for, by name, folder or prompt; an unknown one is refused with the list."""
+    if not names:
+        return table
+    chosen = []
+    for name in names:
+        hit = [c for c in table if name in (c.id, c.folder, c.text)]
+        if not hit:
+            raise UserError(f"unknown class {name!r}; the model's classes are {', '.join(c.id for c in table)} "
+                            "(a class's prompt works too)")
+        if hit[0] not in chosen:
+            chosen.append(hit[0])
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def to_uint8(image: np.ndarray, grayscale: bool) -> np.ndarray:
+    """[H, W, 3] floats in [0, 1] -> uint8 [H, W] (grayscale: the luminance the pipeline put on every channel)
+    or [H, W, 3]; the same rounding as `llcm generate`'s PNGs."""
+    a = (image * 255).round().clip(0, 255).astype(np.uint8)
+    return a[..., 0].copy() if grayscale else a
+
+
+def png_bytes(pixels: np.ndarray, meta: dict) -> bytes:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(meta, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, then rename: a kill never leaves half a file under the final name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def file_bytes(fmt: str, pixels: np.ndarray, row: dict, cls: SynthClass, model_name: str) -> bytes:
+    comment = (f"synthetic image generated by llcm {row['software']}; model {model_name} {row['model_hash']}; "
+               f"prompt: {row['text']}; seed {row['seed']}; steps {row['steps']}; w {row['w']}")
+    if fmt == "png":
+        return png_bytes(pixels, {k: row[k] for k in ("text", "seed", "steps", "w", "model_hash", "software")})
+    if fmt == "dicom":
+        from llcm.medical_files import dicom_bytes
+
+        key = f"{row['model_hash']}/{row['steps']}/{row['w']}"
+        return dicom_bytes(pixels, modality=cls.fields.get("modality", ""), body_part=cls.fields.get("body_part", ""),
+                           description=f"llcm synthetic: {cls.text}"[:64], comments=comment,
+                           study_key=key, series_key=f"{key}/{cls.text}", instance_key=f"{key}/{row['seed']}",
+                           instance_number=row["index"] + 1, series_number=cls.position + 1)
+    from llcm.medical_files import nifti_bytes
+
+    return nifti_bytes(pixels, description=f"llcm synthetic seed {row['seed']}")
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def settings_of(model_hash: str, classes: list[SynthClass], per_class: int, steps: int, w: float, seed: int, fmt: str,
+                stack: bool, batch: int, filter_memorized: bool, height: int, width: int) -> dict:
+    return {"model_hash": model_hash, "classes": [c.text for c in classes], "per_class": per_class, "steps": steps,
+            "w": w, "seed": seed, "format": fmt, "stack": stack, "batch": batch, "filter_memorized": filter_memorized,
+            "height": height, "width": width}
+
+
+def check_out(out: Path, settings: dict) -> dict:
+    """The journal of an earlier run of the same settings (resume), {} for an empty or new folder; anything else
+    (another dataset, other settings) is refused before a file is written."""
+    state_file = out / STATE / "state.json"
+    if state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            previous = state["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{state_file} is damaged; choose another --out") from None
+        diff = [f"{k} {previous.get(k)!r} -> {settings[k]!r}" for k in SETTINGS if previous.get(k) != settings[k]]
+        if diff:
+            raise UserError(f"{out} holds a synthetic dataset made with other settings ({'; '.join(diff[:3])}); "
+                            "rerun with the same settings to resume it, or choose another --out")
+        return state
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder")
+        if any(out.iterdir()):
+            what = "another dataset" if (out / "build.json").exists() or (out / "train").exists() else "other files"
+            raise UserError(f"--out {out} already holds {what}; choose an empty or new folder (nothing was written)")
+    return {}
+
+
+def _journal(out: Path) -> dict[str, list[dict]]:
+    """Rows written so far, by class folder: one JSON line per finished batch (a torn last line is ignored)."""
+    rows: dict[str, list[dict]] = {}
+    path = out / STATE / "journal.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            rows.setdefault(entry["folder"], []).extend(entry["rows"])
+    return rows
+
+
+def _append(out: Path, entry: dict) -> None:
+    with open(out / STATE / "journal.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class MemorizationFilter:
+    """find_copies against the training images with thresholds fixed once (from the training baseline)."""
+
+    def __init__(self, data: str | os.PathLike, cache: Path, extractor: str = "inception"):
+        from llcm.data.build import read_split
+        from llcm.evaluation.evaluate import thumbnails
+        from llcm.evaluation.features import extract_features, get_extractor
+        from llcm.evaluation.memorization import find_copies
+
+        rows = read_split(data, "train")
+        if not rows:
+            raise UserError(f"{data} has no train images to check the samples against")
+        paths = [r["path"] for r in rows]
+        self.extractor = get_extractor(extractor)
+        self.train_thumbs = thumbnails(paths, cache / "train-thumbs.npz")
+        feats_file = cache / f"train-{self.extractor.name}.npy"
+        if feats_file.is_file():
+            self.train_feats = np.load(feats_file)
+        else:
+            self.train_feats = extract_features(self.extractor, paths, progress=False)
+            np.save(feats_file, self.train_feats)
+        rep = find_copies(self.train_thumbs[:1], self.train_thumbs, self.train_feats[:1], self.train_feats,
+                          self.extractor.name, warn=False)
+        self.cos, self.ssim = rep.cos_threshold, rep.ssim_threshold
+
+    def flagged(self, images: np.ndarray) -> np.ndarray:
+        from llcm.evaluation.memorization import find_copies
+
+        feats = self.extractor(images)
+        rep = find_copies(images, self.train_thumbs, feats, self.train_feats, self.extractor.name,
+                          cos_threshold=self.cos, ssim_threshold=self.ssim, baseline_samples=0, warn=False)
+        return rep.flagged
+
+
+def synthesize(model: str, out: str | os.PathLike, per_class: int, classes: Sequence[str] | None = None,
+               steps: int = 4, w: float | None = None, seed: int = 0, fmt: str = "png", stack: bool = False,
+               batch: int = 32, filter_memorized: bool = False, data: str | os.PathLike | None = None,
+               adapter: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+    """Write (or finish) a synthetic dataset; returns its stats.json. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    from llcm import __version__
+    from llcm.pipeline import load_pipeline
+    from llcm.presets import MAX_SEED
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if stack and fmt != "nifti":
+        raise UserError("--stack writes one NIfTI volume per class: use it with --format nifti")
+    if not 1 <= per_class <= SEED_STRIDE // 2:
+        raise UserError(f"--per-class must be between 1 and {SEED_STRIDE // 2}, got {per_class}")
+    if not 1 <= batch <= 1024:
+        raise UserError(f"--batch must be between 1 and 1024, got {batch}")
+    if filter_memorized and data is None:
+        raise UserError("--filter-memorized needs --data: the dataset the model was trained on")
+    out = Path(out).expanduser()
+    pipe = load_pipeline(model, adapter=adapter)
+    if not pipe.config.classes:
+        raise UserError(f"model {model} lists no classes (llcm.json 'classes'); nothing to synthesize")
+    table = select_classes(class_table(pipe.config.classes, pipe.config.grayscale, data), classes)
+    w = pipe.config.w_default if w is None else float(w)
+    size = pipe.default_size()
+    pipe.check_request(steps, w, size, size, 1)
+    if seed < 0 or seed + len(pipe.config.classes) * SEED_STRIDE > MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED - len(pipe.config.classes) * SEED_STRIDE}")
+    settings = settings_of(pipe.model_hash, table, per_class, steps, w, seed, fmt, stack, batch, filter_memorized,
+                           size, size)
+    state = check_out(out, settings)
+    (out / STATE).mkdir(parents=True, exist_ok=True)
+    if not state:
+        state = {"format": FORMAT, "settings": settings, "started": time.strftime("%Y-%m-%d")}
+        atomic_write(out / STATE / "state.json", json.dumps(state, indent=2).encode())
+    pipe.to(device)
+    done = _journal(out)
+    guard = MemorizationFilter(data, out / STATE) if filter_memorized else None
+    base = {"steps": steps, "w": w, "model_hash": pipe.model_hash, "synthetic": True, "software": __version__,
+            "source": f"llcm synthesize ({pipe.name})", "licence": "synthetic images: see the model's licence",
+            "width": size, "height": size}
+    total = per_class * len(table)
+    bar = tqdm(total=total, desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True,
+               initial=sum(sum(r["file_name"] is not None for r in done.get(c.folder, [])) for c in table))
+    t0 = time.perf_counter()
+    made = 0
+    with ThreadPoolExecutor(max_workers=2) as pool:  # files are encoded and written while the next batch samples
+        for cls in table:
+            folder = out / "train" / cls.folder
+            folder.mkdir(parents=True, exist_ok=True)
+            rows = done.get(cls.folder, [])
+            kept = sum(r["file_name"] is not None for r in rows)
+            drawn = len(rows)
+            while kept < per_class:
+                n = min(batch, per_class - kept)
+                seeds = [seed + cls.position * SEED_STRIDE + drawn + j for j in range(n)]
+                result = pipe([cls.text] * n, steps=steps, seeds=seeds, w=w)
+                pixels = [to_uint8(img, cls.grayscale) for img in result.images]
+                flagged = guard.flagged(np.stack([np.atleast_3d(p) for p in pixels])) if guard else np.zeros(n, bool)
+                entry_rows, jobs = [], []
+                for j, (s, px) in enumerate(zip(seeds, pixels)):
+                    row = {"seed": s, "index": kept, "file_name": None}
+                    if flagged[j] or kept >= per_class:
+                        row["memorized"] = bool(flagged[j])
+                        entry_rows.append(row)
+                        continue
+                    name = f"{cls.folder}/{kept:06d}{SUFFIX[fmt]}"
+                    row.update(file_name=name, text=cls.text, **base)
+                    if not stack:
+                        jobs.append(pool.submit(atomic_write, out / "train" / name,
+                                                file_bytes(fmt, px, row, cls, pipe.name)))
+                    else:
+                        jobs.append(pool.submit(np.save, out / STATE / f"{cls.folder}-{kept:06d}.npy", px))
+                    entry_rows.append(row)
+                    kept += 1
+                for job in jobs:
+                    job.result()
+                drawn += n
+                _append(out, {"folder": cls.folder, "rows": entry_rows})
+                rows = rows + entry_rows
+                made += sum(r["file_name"] is not None for r in entry_rows)
+                bar.update(sum(r["file_name"] is not None for r in entry_rows))
+            done[cls.folder] = rows
+    bar.close()
+    seconds = time.perf_counter() - t0
+    with open(out / STATE / "runs.jsonl", "a", encoding="utf-8") as f:  # timings stay out of the dataset's files
+        f.write(json.dumps({"images": made, "seconds": round(seconds, 2), "batch": batch, "device": str(device)}) + "\n")
+    stats = finish(out, table, done, settings, pipe, stack, _model_readme(model, adapter))
+    stats["this_run"] = {"images": made, "seconds": round(seconds, 2),
+                         "images_per_s": round(made / seconds, 2) if made and seconds > 0 else None}
+    return stats
+
+
+def finish(out: Path, table: list[SynthClass], done: dict[str, list[dict]], settings: dict, pipe, stack: bool,
+           model_card: str = "") -> dict:
+    """metadata.jsonl, the stacks of a --stack run, stats.json and card.md, from the journal."""
+    lines, classes = [], {}
+    for cls in table:
+        rows = [r for r in done[cls.folder] if r["file_name"] is not None]
+        if stack:
+            from llcm.medical_files import nifti_bytes
+
+            name = f"{cls.folder}/{cls.folder}.nii.gz"
+            if not (out / "train" / name).is_file():
+                volume = np.stack([np.load(out / STATE / f"{cls.folder}-{r['index']:06d}.npy") for r in rows])
+                atomic_write(out / "train" / name, nifti_bytes(volume, description=f"llcm synthetic {cls.folder}"))
+            for r in rows:
+                r.update(file_name=name, slice=r["index"])
+        for r in rows:
+            row = {"file_name": r["file_name"], "text": cls.text, "class": cls.id, **cls.fields,
+                   **{k: r[k] for k in ("seed", "steps", "w", "model_hash", "synthetic", "source", "licence",
+                                        "width", "height")}}
+            if stack:
+                row["slice"] = r["slice"]
+            lines.append(json.dumps(row))
+        redrawn = sum(1 for r in done[cls.folder] if r.get("memorized"))
+        classes[cls.id] = {"prompt": cls.text, "folder": cls.folder, **cls.fields, "train": len(rows), "test": 0,
+                           "grayscale": cls.grayscale, "memorized_redrawn": redrawn}
+    atomic_write(out / "train" / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
+    if stack:
+        for f in (out / STATE).glob("*.npy"):
+            f.unlink()
+    stats = {"format": FORMAT, "synthetic": True, "model": {"name": pipe.name, "hash": pipe.model_hash},
+             "settings": settings, "classes": classes, "totals": {"train": len(lines), "test": 0}}
+    atomic_write(out / "stats.json", json.dumps(stats, indent=2).encode())
+    atomic_write(out / "card.md", render_card(stats, pipe, model_card).encode("utf-8"))
+    return stats
+
+
+def render_card(stats: dict, pipe, model_card: str = "") -> str:
+    s = stats["settings"]
+    lines = [f"# Synthetic dataset: {stats['totals']['train']} images from {stats['model']['name']} "
+             f"({stats['model']['hash']})", "",
+             "Every image here was **generated** by a model (`synthetic: true` in each metadata row); none shows a "
+             "patient. Use it to augment, pre-train or share, and check it against real data before any claim.", "",
+             f"Made by `llcm synthesize`: {s['steps']} consistency steps, guidance w = {s['w']}, seeds "
+             f"{s['seed']} + class position x {SEED_STRIDE} + index, {s['format'].upper()} files"
+             f"{' (one NIfTI volume per class)' if s['stack'] else ''}, batches of {s['batch']}"
+             f"{', each image checked against the training set for copies (flagged ones redrawn)' if s['filter_memorized'] else ''}.",
+             "", "Layout: Hugging Face `imagefolder` (`train/<class>/...`, `train/metadata.jsonl` with `file_name`, "
+             "`text`, `class`, the taxonomy fields, `seed`, `steps`, `w`, `model_hash`, `synthetic`), as "
+             "`llcm data build` writes it; statistics in `stats.json`.", "", "## Classes", "",
+             "| class | modality | channels | images | copies redrawn | prompt |", "|---|---|---|---:|---:|---|"]
+    for cid, c in stats["classes"].items():
+        lines.append(f"| {cid} | {c.get('modality') or '-'} | {'1 (grayscale)' if c['grayscale'] else '3 (RGB)'} | "
+                     f"{c['train']} | {c['memorized_redrawn']} | {c['prompt']} |")
+    card = pipe.config.__dict__ if hasattr(pipe, "config") else {}
+    lines += ["", "## The model", "", f"Model hash {stats['model']['hash']}; sampler settings (llcm.json): k "
+              f"{card.get('k')}, w range [{card.get('w_min')}, {card.get('w_max')}]. Its own card (README.md in the "
+              "model folder) says what it was trained on and how well it does.", ""]
+    if model_card:
+        lines += ["### Model card", "", model_card.strip(), ""]
+    return "\n".join(lines)
+
+
+def _model_readme(model: str, adapter: str | None) -> str:
+    """The model folder's own card (README.md), if it has one; an adapter's, else its base's."""
+    from llcm.pipeline import resolve_model
+
+    for spec in (adapter, model):
+        if spec is None:
+            continue
+        try:
+            card = resolve_model(spec) / "README.md"
+        except (UserError, OSError, TypeError):
+            continue
+        if card.is_file():
+            return card.read_text(encoding="utf-8")
+    return ""
