@@ -279,6 +279,9 @@ def _dicom_meta(ds) -> dict:
     return meta
 
 
+SYNTHETIC_MARKER = "SYNTHETIC"  # PatientName/PatientID of a generated image (llcm.medical_files)
+
+
 def _dicom_phi(ds) -> list[str]:
     tokens: set[str] = set()
     for keyword in _PHI_KEYWORDS:
@@ -290,6 +293,8 @@ def _dicom_phi(ds) -> list[str]:
             continue
         values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
         for v in values:
+            if str(v).strip().upper() == SYNTHETIC_MARKER:  # llcm synthesize's files name no one
+                continue
             for tok in phi_word_tokens(str(v)):
                 tokens.add(token_hash(tok))
     return sorted(tokens)
