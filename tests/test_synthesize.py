@@ -129,3 +129,31 @@ def test_bad_input_gives_one_line_and_writes_nothing(made, tmp_path, capsys):
     assert run(made, "--steps", "2") == 2
     assert "other settings" in one_error_line(capsys)
     assert dataset_files(made) == before
+
+
+def test_dicom_and_nifti_files_hold_the_images_and_no_identity(made, tmp_path, capsys, one_torch_thread):
+    import nibabel as nib
+    import pydicom
+
+    out = tmp_path / "dcm"
+    assert run(out, "--format", "dicom", per_class=2) == 0
+    png = np.asarray(Image.open(made / "train" / FUNDUS / "000001.png"))
+    ds = pydicom.dcmread(out / "train" / FUNDUS / "000001.dcm")
+    assert np.array_equal(ds.pixel_array, png)  # the same image as the PNG run (same batch boundaries)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert str(ds.PatientName) == "SYNTHETIC" and ds.PatientID == "SYNTHETIC" and ds.BurnedInAnnotation == "NO"
+    assert ds.Modality == "OP" and ds.PhotometricInterpretation == "RGB"
+    assert "seed 6000001" in ds.ImageComments and "3c9c3f997f7a" in ds.ImageComments
+    assert not [e for e in ds.iterall() if e.VR in ("DA", "DT", "TM") and e.value]
+    mri = pydicom.dcmread(out / "train" / MRI / "000000.dcm")
+    assert mri.Modality == "MR" and mri.PhotometricInterpretation == "MONOCHROME2" and mri.SamplesPerPixel == 1
+    assert mri.SOPInstanceUID != ds.SOPInstanceUID
+    # NIfTI: one volume per class with --stack; a colour class cannot be NIfTI
+    nii = tmp_path / "nii"
+    assert run(nii, "--format", "nifti", "--stack", classes=(MRI,)) == 0
+    volume = nib.load(nii / "train" / MRI / f"{MRI}.nii.gz")
+    assert volume.shape == (64, 64, 3) and np.array_equal(volume.affine, np.eye(4))
+    rows = [json.loads(x) for x in (nii / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["slice"] for r in rows] == [0, 1, 2] and {r["file_name"] for r in rows} == {f"{MRI}/{MRI}.nii.gz"}
+    assert run(tmp_path / "rgb", "--format", "nifti") == 2
+    assert "grayscale images only" in one_error_line(capsys)

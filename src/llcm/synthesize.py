@@ -283,6 +283,11 @@ def synthesize(model: str, out: str | os.PathLike, per_class: int, classes: Sequ
     if not pipe.config.classes:
         raise UserError(f"model {model} lists no classes (llcm.json 'classes'); nothing to synthesize")
     table = select_classes(class_table(pipe.config.classes, pipe.config.grayscale, data), classes)
+    colour = [c.id for c in table if not c.grayscale]
+    if fmt == "nifti" and colour:
+        raise UserError(f"NIfTI holds grayscale images only, and {', '.join(colour)} "
+                        f"{'is' if len(colour) == 1 else 'are'} RGB: use --format png or dicom, or --classes "
+                        "of grayscale modalities")
     w = pipe.config.w_default if w is None else float(w)
     size = pipe.default_size()
     pipe.check_request(steps, w, size, size, 1)
