@@ -157,3 +157,15 @@ def test_dicom_and_nifti_files_hold_the_images_and_no_identity(made, tmp_path, c
     assert [r["slice"] for r in rows] == [0, 1, 2] and {r["file_name"] for r in rows} == {f"{MRI}/{MRI}.nii.gz"}
     assert run(tmp_path / "rgb", "--format", "nifti") == 2
     assert "grayscale images only" in one_error_line(capsys)
+
+
+def test_hugging_face_imagefolder_reads_it(made, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from datasets import load_dataset
+
+    ds = load_dataset("imagefolder", data_dir=str(made), split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 6 and {"image", "text", "class", "seed", "synthetic", "model_hash"} <= set(ds.column_names)
+    first = ds[0]
+    assert first["synthetic"] is True and first["image"].size == (64, 64)
+    assert {ds[i]["image"].mode for i in range(6)} == {"L", "RGB"}
