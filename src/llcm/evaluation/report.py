@@ -3,7 +3,8 @@
 Every number in an HTML table is rendered from the results dict and carries where it came from:
 ``<td class="num" data-key="/runs/3/metrics/fid" data-value="12.3456...">12.35</td>`` (a JSON Pointer into
 results.json and the exact JSON value), so a test can check that no table number is typed in by hand.
-Every table caption names the feature extractor (the classifier check's table names its CNN instead).
+Every table caption names the feature extractor (the classifier check's and the utility's tables name
+their CNN instead).
 Numbers quoted in a sentence carry the same two attributes on a ``<span>``. Plots (matplotlib) and image
 grids are embedded as base64 PNG data URIs; the results JSON itself is embedded too.
 `write_report(json.load(...), out)` rebuilds the report from results.json and the images on disk.
@@ -92,6 +93,12 @@ class Cells:
         v = resolve(self.results, ptr)
         return (f'<span class="num" data-key="{html.escape(ptr)}" data-value="{html.escape(json.dumps(v))}">'
                 f'{esc(v)}</span>')
+
+    def pm(self, *path: Any) -> str:
+        """A cell "mean ± std" from a {mean, std} dict at `path`; each number a <span> carrying its source."""
+        std = resolve(self.results, pointer(*path, "std"))
+        return (f'<td class="pm">{self.span(*path, "mean")}'
+                + (f" ± {self.span(*path, 'std')}" if std is not None else "") + "</td>")
 
     @staticmethod
     def text(v: Any) -> str:
@@ -330,6 +337,58 @@ def classifier_section(results: dict, c: Cells) -> str:
     return "\n".join(parts)
 
 
+def utility_section(results: dict, c: Cells) -> str:
+    """Train on synthetic, test on real (llcm.evaluation.utility): three training sets x seeds, one real test set."""
+    u = results.get("utility")
+    if not u:
+        return ""
+    classes = u["classes"]
+    seeds = u["settings"]["seeds"]
+    parts = ["<h2>Utility: train on synthetic, test on real</h2>",
+             f"<p>The same small CNN is trained on the real <code>{html.escape(u['train_split'])}</code> split "
+             f"(<code>{html.escape(u['real'])}</code>), on synthetic images only "
+             f"(<code>{html.escape(u['synthetic'])}</code>, as many per class as the real split has) and on both, "
+             f"once per seed ({len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {esc(seeds)}), and each is tested "
+             f"on the {c.span('utility', 'n_test')} real <code>{html.escape(u['test_split'])}</code> images; a "
+             "synthetic set as useful as the real data gives the synthetic row the real row's accuracy, and "
+             "adding it to the real images should not lower it.</p>"]
+    warn = []
+    if u.get("only_real"):
+        warn.append(f"classes only in the real dataset (left out): {', '.join(u['only_real'])}")
+    if u.get("only_synthetic"):
+        warn.append(f"classes only in the synthetic dataset (left out): {', '.join(u['only_synthetic'])}")
+    if u.get("incomplete_real"):
+        warn.append("classes left out for a missing real split: "
+                    + ", ".join(f"{t} ({why})" for t, why in u["incomplete_real"].items()))
+    if u.get("synthetic_short"):
+        warn.append("classes with fewer synthetic images than real train images (all of them used): "
+                    + ", ".join(f"{t} ({used} of {want})" for t, (want, used) in u["synthetic_short"].items()))
+    if warn:
+        parts.append('<p class="warn">' + html.escape("; ".join(warn)) + ".</p>")
+    names = [k["real_class"] for k in classes]
+    rows = [[c.text(name), c.num("utility", "rows", name, "n_train"), c.pm("utility", "rows", name, "mean_accuracy")]
+            + [c.pm("utility", "rows", name, "per_class", k["text"]) for k in classes] for name in u["rows"]]
+    parts.append(table("Train on synthetic, test on real: balanced accuracy on the real test split (mean ± std over "
+                       "the seeds; CNN classifiers, not the feature extractor)", None,
+                       ["trained on", "training images", "balanced accuracy"] + names, rows,
+                       note="real = the real train split; synthetic = synthetic images only; real+synthetic = both. "
+                            "Balanced accuracy = mean over classes of the share of each class's real test images "
+                            f"assigned to it. Classes are matched by prompt. {esc(u['settings']['epochs'])} epochs "
+                            "per training (the classifier check's recipe)."))
+    count_rows = [[c.text(k["real_class"]), c.text(k["text"])]
+                  + [c.num("utility", "classes", i, key)
+                     for key in ("real_train", "synthetic_used", "synthetic_available", "real_test")]
+                  for i, k in enumerate(classes)]
+    parts.append(table("Utility: images per class (the classifier's training and test sets)", None,
+                       ["class", "prompt", "real train", "synthetic used", "synthetic available", "real test"],
+                       count_rows))
+    src = u.get("synthetic_source") or {}
+    if src.get("model_hash") or src.get("steps"):
+        parts.append(f'<p class="note">The synthetic rows record model hash {html.escape(fmt(src.get("model_hash")))}, '
+                     f'steps {html.escape(fmt(src.get("steps")))}, w {html.escape(fmt(src.get("w")))}.</p>')
+    return "\n".join(parts)
+
+
 def memorization_section(results: dict, c: Cells, out: Path) -> str:
     mem = results.get("memorization")
     if not mem:
@@ -399,7 +458,29 @@ def reproducibility(results: dict, c: Cells) -> str:
     return "\n".join(parts)
 
 
+def render_utility_only(results: dict) -> str:
+    """The page of `llcm evaluate --utility` without --model: the utility, the command, versions, the JSON."""
+    c = Cells(results)
+    s = results["settings"]
+    v = results["versions"]
+    return "\n".join([
+        f"<!doctype html><html><head><meta charset='utf-8'><title>llcm evaluation</title><style>{CSS}</style>"
+        "</head><body>", "<h1>llcm evaluation report</h1>",
+        f"<p>Real dataset <code>{html.escape(s['data'])}</code>; no model evaluated (only --utility). Created "
+        f"{html.escape(results['created'])}.</p>",
+        utility_section(results, c),
+        "<h2>Reproducibility</h2>",
+        f"<p>Command:</p><pre>{html.escape(results.get('command') or '')}</pre>",
+        f"<p>Process argv:</p><pre>{html.escape(' '.join(results.get('argv') or []))}</pre>",
+        "<p>Versions: " + ", ".join(f"{html.escape(k)} {html.escape(str(val))}" for k, val in v.items()) + "</p>",
+        "<h2>All results (JSON)</h2><details><summary>results.json</summary>"
+        f"<pre id='results-json'>{html.escape(json.dumps(results, indent=1))}</pre></details>",
+        "</body></html>"])
+
+
 def render_html(results: dict, out: Path) -> str:
+    if "runs" not in results:
+        return render_utility_only(results)
     c = Cells(results)
     ex = results["extractor"]["name"]
     s = results["settings"]
@@ -420,7 +501,7 @@ def render_html(results: dict, out: Path) -> str:
               "<h2>Per-class scores</h2>", per_class_table(results, c, "fid", "Per-class FID"),
               per_class_table(results, c, "kid_mean", "Per-class KID"),
               per_class_table(results, c, "recall", "Per-class recall"),
-              classifier_section(results, c),
+              classifier_section(results, c), utility_section(results, c),
               "<h2>Image grids (classes × steps)</h2>"]
     for title, png in class_step_grids(results, out):
         parts.append(f"<h3>{html.escape(title)}</h3>{_img(png, title)}")
