@@ -1,14 +1,15 @@
 """Throughput of `llcm synthesize` against diffusers' LatentConsistencyModelPipeline, on the same weights.
 
-llcm: `llcm.synthesize.synthesize` writing PNG files (encoding and writing counted). diffusers: the pipeline
-loaded from the same model folder, images returned as numpy arrays (nothing written). Same batch, step count,
-prompt and threads. Each side is warmed up first (its first batch timed apart: the warm-up cost), then the two
-are measured in alternating rounds, so a machine whose load changes treats both alike. Prints one line per
-figure and `T1 <llcm images/s / diffusers images/s>`, plus the warm-up costs and the total time for 10,000
-images (warm-up + 10,000 / steady rate).
+llcm: `llcm.synthesize.synthesize` as `llcm synthesize` runs it (its own choice of worker processes and
+torch.compile unless told), writing PNG files (encoding and writing counted); its steady rate is the images
+finished after its first batch over the time since. diffusers: the pipeline loaded from the same model folder
+in one process with the same cores, images returned as numpy arrays (nothing written), timed over --batches
+batches before and as many after the llcm run (so a change of machine load weighs on both). Same batch, step
+count, prompt and guidance. Prints one line per side (steady images/s, warm-up cost = first batch minus a
+steady one, total time for 10,000 images) and `T1 <llcm / diffusers>`.
 
-    python bench/synthesize.py                                   # default model, batch 32, 4 steps, 2 threads
-    python bench/synthesize.py --compile                         # llcm with torch.compile (long runs only)
+    python bench/synthesize.py                                   # default model, batch 32, 4 steps, 2 cores
+    python bench/synthesize.py --workers 1 --compile off         # llcm as one process, like diffusers
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=4, help="batches per side per round (default 4)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", choices=["off", "on", "auto"], default="off",
-                    help="llcm's --compile setting for the measured runs (auto decides by run size)")
+    ap.add_argument("--images", type=int, default=1024, help="images llcm makes (default 1024)")
+    ap.add_argument("--batches", type=int, default=8, help="diffusers batches timed before and after llcm (default 8)")
+    ap.add_argument("--threads", type=int, default=2, help="cores both sides may use (default 2)")
+    ap.add_argument("--workers", type=int, default=None, help="llcm's --workers (default: its own choice)")
+    ap.add_argument("--compile", choices=["off", "on", "auto"], default="auto", help="llcm's --compile (default auto)")
     args = ap.parse_args()
 
     import torch
@@ -40,13 +41,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     folder = str(resolve_model(args.model))
-    pipe = load_pipeline(args.model)
-    prompt = pipe.config.classes[0]
-    w = pipe.config.w_default
+    config = load_pipeline(args.model).config
+    prompt, w = config.classes[0], config.w_default
     theirs = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
-    size = pipe.default_size()
-    n = args.batch * args.batches
+    size = load_pipeline(args.model).default_size()
 
     def diffusers_batches(k: int) -> float:
         t0 = time.perf_counter()
@@ -55,29 +54,21 @@ def main() -> None:
                    width=size, output_type="np", generator=torch.Generator().manual_seed(i))
         return time.perf_counter() - t0
 
-    def llcm_images(k: int, tmp: Path, tag: str, compile_mode: str) -> float:
-        stats = synthesize(pipe, tmp / tag, k, classes=[prompt], steps=args.steps, w=w, batch=args.batch,
-                           progress=False, compile=compile_mode)
-        return stats["this_run"]["seconds"]
-
+    first = diffusers_batches(1)
+    d_seconds = diffusers_batches(args.batches)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        warm = {"diffusers": diffusers_batches(1), "llcm": llcm_images(args.batch, tmp, "warm", args.compile)}
-        rate = {"diffusers": [0.0, 0], "llcm": [0.0, 0]}
-        for r in range(args.rounds):
-            rate["llcm"][0] += llcm_images(n, tmp, f"r{r}", args.compile)
-            rate["llcm"][1] += n
-            rate["diffusers"][0] += diffusers_batches(args.batches)
-            rate["diffusers"][1] += n
-    per_s = {k: v[1] / v[0] for k, v in rate.items()}
+        run = synthesize(args.model, Path(tmp) / "out", args.images, classes=[prompt], steps=args.steps, w=w,
+                         batch=args.batch, progress=False, compile=args.compile, workers=args.workers)["this_run"]
+    d_seconds += diffusers_batches(args.batches)
+    rate = {"diffusers": 2 * args.batches * args.batch / d_seconds, "llcm": run["steady_images_per_s"]}
+    warm = {"diffusers": max(0.0, first - args.batch / rate["diffusers"]),
+            "llcm": max(0.0, run["first_batch_s"] - args.batch * run["workers"] / rate["llcm"])}
     for k in ("llcm", "diffusers"):
-        steady = args.batch / per_s[k]
-        extra = max(0.0, warm[k] - steady)
-        print(f"{k:9s} images/s {per_s[k]:.1f}  warm-up {extra:.1f} s  10000 images {extra + 10000 / per_s[k]:.0f} s")
-    ratio = per_s["llcm"] / per_s["diffusers"]
+        print(f"{k:9s} images/s {rate[k]:.1f}  warm-up {warm[k]:.1f} s  10000 images {warm[k] + 10000 / rate[k]:.0f} s")
+    ratio = rate["llcm"] / rate["diffusers"]
     print(f"T1 {ratio:.2f}")
-    print(json.dumps({"batch": args.batch, "steps": args.steps, "threads": args.threads, "compile": args.compile,
-                      "images_per_s": per_s, "warm_s": warm, "T1": ratio}))
+    print(json.dumps({"batch": args.batch, "steps": args.steps, "threads": args.threads, "llcm_run": run,
+                      "images_per_s": rate, "warm_s": warm, "T1": ratio}))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,12 @@ def test_rerun_is_byte_identical_and_resumes_after_an_interruption(made, tmp_pat
     assert all(dataset_files(out)[k] == v for k, v in before.items())
 
 
+def test_worker_processes_write_the_same_bytes(made, tmp_path):
+    out = tmp_path / "parallel"
+    assert run(out, "--workers", "2") == 0
+    assert dataset_files(out) == dataset_files(made)
+
+
 def test_memorized_samples_are_redrawn_with_the_next_seeds(made, tmp_path, one_torch_thread):
     """A 'training set' made of the model's own samples for seeds 0-5: those seeds are copies, flagged and
     redrawn; the class still gets its images, from seeds 6, 7, 8."""

@@ -212,18 +212,18 @@ def check_out(out: Path, settings: dict) -> dict:
     return {}
 
 
-def _journal(out: Path) -> dict[str, list[dict]]:
-    """Rows written so far, by class folder: one JSON line per finished batch (a torn last line is ignored)."""
-    rows: dict[str, list[dict]] = {}
+def _journal(out: Path) -> list[dict]:
+    """The batches finished so far: one JSON line each ({folder, start, rows}), written once its files are on
+    disk; a torn last line (a kill while appending) is ignored."""
+    entries = []
     path = out / STATE / "journal.jsonl"
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                entry = json.loads(line)
+                entries.append(json.loads(line))
             except ValueError:
                 continue
-            rows.setdefault(entry["folder"], []).extend(entry["rows"])
-    return rows
+    return entries
 
 
 def _append(out: Path, entry: dict) -> None:
@@ -267,12 +267,83 @@ class MemorizationFilter:
         return rep.flagged
 
 
+class BatchMaker:
+    """Samples one batch of a class and writes its files: in this process, or in each worker process."""
+
+    def __init__(self, pipe, out: Path, settings: dict, base: dict, writers: ThreadPoolExecutor | None = None):
+        self.pipe, self.out, self.s, self.base, self.writers = pipe, out, settings, base, writers
+
+    def sample(self, cls: SynthClass, seeds: list[int]) -> list[np.ndarray]:
+        s = self.s
+        # a compiled model runs full batches only (another shape would compile again): a short last batch is
+        # padded with the following seeds, whose images are dropped
+        full = seeds + [seeds[-1] + 1 + j for j in range(s["batch"] - len(seeds))] if s["compiled"] else seeds
+        result = self.pipe([cls.text] * len(full), steps=s["steps"], seeds=full, w=s["w"])
+        return [to_uint8(img, cls.grayscale) for img in result.images[:len(seeds)]]
+
+    def write(self, cls: SynthClass, index: int, seed: int, pixels: np.ndarray):
+        """(the image's row, a future or None): the file is written in a writer thread when there is one."""
+        fmt = self.s["format"]
+        name = f"{cls.folder}/{index:06d}{SUFFIX[fmt]}"
+        row = {"seed": seed, "index": index, "file_name": name, "text": cls.text, **self.base}
+        if self.s["stack"]:  # slices wait in the journal folder until the class's volume is written
+            path, data = self.out / STATE / f"{cls.folder}-{index:06d}.npy", None
+        else:
+            path, data = self.out / "train" / name, file_bytes(fmt, pixels, row, cls, self.base["model_name"])
+        job = (lambda: np.save(path, pixels)) if data is None else (lambda: atomic_write(path, data))
+        if self.writers is None:
+            job()
+            return row, None
+        return row, self.writers.submit(job)
+
+    def unit(self, cls: SynthClass, start: int, n: int) -> list[dict]:
+        """Images start .. start + n - 1 of a class (no memorization filter: image i has seed offset i)."""
+        seeds = [self.s["seed"] + cls.position * SEED_STRIDE + start + j for j in range(n)]
+        made = [self.write(cls, start + j, sd, px) for j, (sd, px) in enumerate(zip(seeds, self.sample(cls, seeds)))]
+        for _, job in made:
+            if job is not None:
+                job.result()
+        return [row for row, _ in made]
+
+
+_WORKER: BatchMaker | None = None
+
+
+def _start_worker(model, adapter, device, threads: int, out: Path, settings: dict, base: dict) -> None:
+    import torch
+
+    from llcm.pipeline import load_pipeline
+
+    global _WORKER
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(model, adapter=adapter).to(device)
+    if settings["compiled"]:
+        pipe.components.unet.compile()
+        pipe.components.vae.decoder.compile()
+    _WORKER = BatchMaker(pipe, out, settings, base)
+
+
+def _worker_unit(cls: SynthClass, start: int, n: int) -> tuple[str, int, list[dict]]:
+    return cls.folder, start, _WORKER.unit(cls, start, n)
+
+
+def default_workers(device: str, images: int, filter_memorized: bool) -> int:
+    """On a CPU, one single-threaded process per core for runs of 1,000 images or more (a small UNet keeps two
+    cores busier as two processes than as one with two threads: 1.16x on the default model); one process on a
+    GPU, for a short run, or with the memorization filter (its redraws are sequential)."""
+    if str(device).startswith("cuda") or images < 1000 or filter_memorized:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
 def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[str] | None = None,
                steps: int = 4, w: float | None = None, seed: int = 0, fmt: str = "png", stack: bool = False,
                batch: int = 32, filter_memorized: bool = False, data: str | os.PathLike | None = None,
-               adapter: str | None = None, device: str = "cpu", progress: bool = True, compile: str = "off") -> dict:
-    """Write (or finish) a synthetic dataset; returns its stats.json plus `this_run` (images, seconds). `model`:
-    a model folder, "default", or an LLCMPipeline already loaded. See the module docstring."""
+               adapter: str | None = None, device: str = "cpu", progress: bool = True, compile: str = "off",
+               workers: int | None = None) -> dict:
+    """Write (or finish) a synthetic dataset; returns its stats.json plus `this_run` (images, seconds, the steady
+    rate after the first batch). `model`: a model folder, "default", or an LLCMPipeline already loaded (then one
+    process). `workers`: processes (None: `default_workers`). See the module docstring."""
     from tqdm.auto import tqdm
 
     from llcm import __version__
@@ -287,10 +358,13 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
         raise UserError(f"--per-class must be between 1 and {SEED_STRIDE // 2}, got {per_class}")
     if not 1 <= batch <= 1024:
         raise UserError(f"--batch must be between 1 and 1024, got {batch}")
+    if workers is not None and not 1 <= workers <= 64:
+        raise UserError(f"--workers must be between 1 and 64, got {workers}")
     if filter_memorized and data is None:
         raise UserError("--filter-memorized needs --data: the dataset the model was trained on")
     out = Path(out).expanduser()
-    pipe = model if isinstance(model, LLCMPipeline) else load_pipeline(model, adapter=adapter)
+    loaded = isinstance(model, LLCMPipeline)
+    pipe = model if loaded else load_pipeline(model, adapter=adapter)
     if not pipe.config.classes:
         raise UserError(f"model {model} lists no classes (llcm.json 'classes'); nothing to synthesize")
     table = select_classes(class_table(pipe.config.classes, pipe.config.grayscale, data), classes)
@@ -307,73 +381,115 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
     compiled = use_compile(compile, per_class * len(table))
     settings = settings_of(pipe.model_hash, table, per_class, steps, w, seed, fmt, stack, batch, filter_memorized,
                            size, size, compiled)
+    if workers is None:
+        workers = 1 if loaded else default_workers(device, per_class * len(table), filter_memorized)
+    if filter_memorized or loaded:
+        workers = 1
     state = check_out(out, settings)
     (out / STATE).mkdir(parents=True, exist_ok=True)
     if not state:
         state = {"format": FORMAT, "settings": settings, "started": time.strftime("%Y-%m-%d")}
         atomic_write(out / STATE / "state.json", json.dumps(state, indent=2).encode())
-    pipe.to(device)
-    if compiled:  # in place: the weights' names, and so the model hash, stay as they are
-        pipe.components.unet.compile()
-        pipe.components.vae.decoder.compile()
-    done = _journal(out)
-    guard = MemorizationFilter(data, out / STATE) if filter_memorized else None
+    for cls in table:
+        (out / "train" / cls.folder).mkdir(parents=True, exist_ok=True)
     base = {"steps": steps, "w": w, "model_hash": pipe.model_hash, "synthetic": True, "software": __version__,
             "source": f"llcm synthesize ({pipe.name})", "licence": "synthetic images: see the model's licence",
-            "width": size, "height": size}
-    total = per_class * len(table)
-    bar = tqdm(total=total, desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True,
-               initial=sum(sum(r["file_name"] is not None for r in done.get(c.folder, [])) for c in table))
-    t0 = time.perf_counter()
-    made = 0
-    with ThreadPoolExecutor(max_workers=2) as pool:  # files are encoded and written while the next batch samples
-        for cls in table:
-            folder = out / "train" / cls.folder
-            folder.mkdir(parents=True, exist_ok=True)
-            rows = done.get(cls.folder, [])
-            kept = sum(r["file_name"] is not None for r in rows)
-            drawn = len(rows)
-            while kept < per_class:
-                n = min(batch, per_class - kept)
-                seeds = [seed + cls.position * SEED_STRIDE + drawn + j for j in range(n)]
-                # a compiled model runs full batches only (another shape would compile again): the last one is
-                # padded with the next seeds, whose images are dropped
-                full = seeds + [seeds[-1] + 1 + j for j in range(batch - n)] if compiled else seeds
-                result = pipe([cls.text] * len(full), steps=steps, seeds=full, w=w)
-                pixels = [to_uint8(img, cls.grayscale) for img in result.images[:n]]
-                flagged = guard.flagged(np.stack([np.atleast_3d(p) for p in pixels])) if guard else np.zeros(n, bool)
-                entry_rows, jobs = [], []
-                for j, (s, px) in enumerate(zip(seeds, pixels)):
-                    row = {"seed": s, "index": kept, "file_name": None}
-                    if flagged[j] or kept >= per_class:
-                        row["memorized"] = bool(flagged[j])
-                        entry_rows.append(row)
-                        continue
-                    name = f"{cls.folder}/{kept:06d}{SUFFIX[fmt]}"
-                    row.update(file_name=name, text=cls.text, **base)
-                    if not stack:
-                        jobs.append(pool.submit(atomic_write, out / "train" / name,
-                                                file_bytes(fmt, px, row, cls, pipe.name)))
-                    else:
-                        jobs.append(pool.submit(np.save, out / STATE / f"{cls.folder}-{kept:06d}.npy", px))
-                    entry_rows.append(row)
-                    kept += 1
-                for job in jobs:
-                    job.result()
-                drawn += n
-                _append(out, {"folder": cls.folder, "rows": entry_rows})
-                rows = rows + entry_rows
-                made += sum(r["file_name"] is not None for r in entry_rows)
-                bar.update(sum(r["file_name"] is not None for r in entry_rows))
-            done[cls.folder] = rows
+            "width": size, "height": size, "model_name": pipe.name}
+    entries = _journal(out)
+    rows = {c.folder: [r for e in entries if e["folder"] == c.folder for r in e["rows"]] for c in table}
+    bar = tqdm(total=per_class * len(table), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True,
+               initial=sum(r["file_name"] is not None for rs in rows.values() for r in rs))
+    clock = {"t0": time.perf_counter(), "first": None, "made": 0, "after_first": 0}
+
+    def record(folder: str, entry_rows: list[dict], start: int | None = None) -> None:
+        _append(out, {"folder": folder, "start": start, "rows": entry_rows})
+        rows[folder].extend(entry_rows)
+        n = sum(r["file_name"] is not None for r in entry_rows)
+        clock["made"] += n
+        if clock["first"] is None:
+            clock["first"] = time.perf_counter()
+        else:
+            clock["after_first"] += n
+        bar.update(n)
+
+    if filter_memorized:
+        _filtered_run(pipe, out, table, settings, base, rows, record, MemorizationFilter(data, out / STATE), device)
+    else:
+        done = {(e["folder"], e["start"]) for e in entries}
+        units = [(c, start, min(batch, per_class - start)) for c in table for start in range(0, per_class, batch)
+                 if (c.folder, start) not in done]
+        if workers == 1:
+            pipe.to(device)
+            if compiled:  # in place: the weights' names, and so the model hash, stay as they are
+                pipe.components.unet.compile()
+                pipe.components.vae.decoder.compile()
+            with ThreadPoolExecutor(max_workers=2) as writers:
+                maker = BatchMaker(pipe, out, settings, base, writers)
+                for c, start, n in units:
+                    record(c.folder, maker.unit(c, start, n), start)
+        elif units:
+            _parallel_run(model, adapter, device, workers, out, settings, base, units, record)
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - clock["t0"]
+    steady = clock["after_first"] / (time.perf_counter() - clock["first"]) if clock["after_first"] else None
+    run = {"images": clock["made"], "seconds": round(seconds, 2), "workers": workers, "batch": batch,
+           "device": str(device), "compiled": compiled,
+           "images_per_s": round(clock["made"] / seconds, 2) if clock["made"] and seconds > 0 else None,
+           "steady_images_per_s": round(steady, 2) if steady else None,
+           "first_batch_s": round(clock["first"] - clock["t0"], 2) if clock["first"] else None}
     with open(out / STATE / "runs.jsonl", "a", encoding="utf-8") as f:  # timings stay out of the dataset's files
-        f.write(json.dumps({"images": made, "seconds": round(seconds, 2), "batch": batch, "device": str(device)}) + "\n")
-    stats = finish(out, table, done, settings, pipe, stack, _model_readme(model, adapter))
-    stats["this_run"] = {"images": made, "seconds": round(seconds, 2),
-                         "images_per_s": round(made / seconds, 2) if made and seconds > 0 else None}
+        f.write(json.dumps(run) + "\n")
+    for c in table:
+        rows[c.folder].sort(key=lambda r: (r["file_name"] is None, r["index"]))
+    stats = finish(out, table, rows, settings, pipe, stack, _model_readme(model, adapter))
+    stats["this_run"] = run
     return stats
+
+
+def _parallel_run(model, adapter, device, workers: int, out: Path, settings: dict, base: dict, units, record) -> None:
+    """Units spread over worker processes (spawned: each loads the model once, one thread per core); a unit's
+    journal line is written when its files are on disk, in whatever order units finish."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)
+    spec = str(model)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(spec, adapter, device, threads, out, settings, base)) as pool:
+        pending = {pool.submit(_worker_unit, c, start, n) for c, start, n in units}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                folder, start, unit_rows = f.result()
+                record(folder, unit_rows, start)
+
+
+def _filtered_run(pipe, out: Path, table: list[SynthClass], settings: dict, base: dict, rows: dict, record,
+                  guard: MemorizationFilter, device) -> None:
+    """One process, class by class: candidates drawn in order of their seeds, a flagged one dropped (its seed
+    recorded) and the class drawing on until it has per_class images."""
+    pipe.to(device)
+    maker = BatchMaker(pipe, out, settings, base)
+    per_class, batch = settings["per_class"], settings["batch"]
+    for cls in table:
+        kept = sum(r["file_name"] is not None for r in rows[cls.folder])
+        drawn = len(rows[cls.folder])
+        while kept < per_class:
+            n = min(batch, per_class - kept)
+            seeds = [settings["seed"] + cls.position * SEED_STRIDE + drawn + j for j in range(n)]
+            pixels = maker.sample(cls, seeds)
+            flagged = guard.flagged(np.stack([np.atleast_3d(p) for p in pixels]))
+            entry_rows = []
+            for sd, px, bad in zip(seeds, pixels, flagged):
+                if bad:
+                    entry_rows.append({"seed": sd, "index": kept, "file_name": None, "memorized": True})
+                    continue
+                entry_rows.append(maker.write(cls, kept, sd, px)[0])
+                kept += 1
+            drawn += n
+            record(cls.folder, entry_rows)
 
 
 def finish(out: Path, table: list[SynthClass], done: dict[str, list[dict]], settings: dict, pipe, stack: bool,

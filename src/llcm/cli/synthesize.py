@@ -56,6 +56,10 @@ def register(sub) -> None:
                    help="torch.compile the UNet and decoder: about 2 minutes of compiling on 2 CPU cores for 1.3x "
                         "images/s, so auto (default) compiles runs of 10,000 images or more (images may differ from "
                         "uncompiled ones by one grey level on a few pixels; part of the settings)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that sample and write (default: on a CPU one single-threaded process per core for "
+                        "runs of 1,000 images or more, else 1; 1 on a GPU or with --filter-memorized); the images do not "
+                        "depend on it")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -70,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
     stats = synthesize(args.model or "default", args.out, args.per_class, classes=args.classes, steps=args.steps,
                        w=args.w, seed=args.seed, fmt=args.format, stack=args.stack, batch=args.batch,
                        filter_memorized=args.filter_memorized, data=args.data, adapter=args.adapter, device=device,
-                       progress=not args.quiet, compile=args.compile)
+                       progress=not args.quiet, compile=args.compile,
+                       workers=args.workers)
     run = stats["this_run"]
-    rate = f" ({run['images_per_s']:.1f} images/s)" if run["images_per_s"] else ""
+    rate = f" ({run['images_per_s']:.1f} images/s, {run['workers']} process{'es' * (run['workers'] > 1)})" \
+        if run["images_per_s"] else ""
     redrawn = sum(c["memorized_redrawn"] for c in stats["classes"].values())
     print(f"{args.out}: {stats['totals']['train']} images of {len(stats['classes'])} classes "
           f"({run['images']} made now in {run['seconds']:.1f} s{rate}"
