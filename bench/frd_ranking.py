@@ -12,6 +12,10 @@ The last column names the feature with the largest z-scored mean shift and its s
 z-scores with the real set's std, so a feature nearly constant in the real images (a black background's
 10th percentile) can set the whole value. FRD here is llcm's radiomics subset, NOT frd-score's FRD (see the module docstring of
 llcm.evaluation.radiomics); FID and FRD are on different scales and only their rankings are compared.
+A folder evaluated with FRD (`llcm evaluate` without --no-frd) already holds FRD in results.json (metrics/frd,
+per_class/<class>/frd) and the radiomics features in its caches (cache/real-<split>.radiomics.npz,
+features/<run>.radiomics.npz): both are read instead of recomputed (the caches keep float32 features); an older
+folder is measured from its images as before.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from scipy import stats
 from llcm.data import read_split
 from llcm.evaluation.evaluate import _safe, class_of
 from llcm.evaluation.features import IMAGE_SUFFIXES, extract_features
+from llcm.evaluation.metrics import load_stats
 from llcm.evaluation.radiomics import RadiomicsExtractor, frd
 
 
@@ -57,6 +62,15 @@ def top_feature(real: np.ndarray, fake: np.ndarray, names: list[str]) -> tuple[s
     return names[i], float(z2[i] / z2.sum()) if z2.sum() > 0 else 0.0
 
 
+def cached_or_extracted(ex: RadiomicsExtractor, cache: Path, paths: list) -> tuple[np.ndarray, bool]:
+    """Radiomics features of `paths`: from an `llcm evaluate` cache file when it holds as many rows, else extracted."""
+    if cache.is_file():
+        stats = load_stats(cache)
+        if stats.extractor == ex.name and stats.features is not None and len(stats.features) == len(paths):
+            return stats.features, True
+    return extract_features(ex, paths, progress=False), False
+
+
 def spearman(a: list[float], b: list[float]) -> str:
     ok = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and np.isfinite(x) and np.isfinite(y)]
     if len(ok) < 3:
@@ -78,10 +92,15 @@ def main() -> None:
     classes = [c["name"] for c in res["classes"]]
     fid_name = res["extractor"]["name"]
     ex = RadiomicsExtractor()
+    recorded = bool(res.get("frd")) and not res["frd"].get("skipped") and all("frd" in r["metrics"]
+                                                                               for r in res["runs"])
+    split = settings.get("test_split", "test")
 
     t0 = time.perf_counter()
-    rows = [r for r in read_split(data, settings.get("test_split", "test")) if class_of(r) in set(classes)]
-    real = extract_features(ex, [r["path"] for r in rows], progress=False)
+    rows = [r for r in read_split(data, split) if class_of(r) in set(classes)]
+    real, from_cache = cached_or_extracted(ex, args.eval_dir / "cache" / f"real-{_safe(split)}.{ex.name}.npz",
+                                           [r["path"] for r in rows])
+    n_cached = len(rows) if from_cache else 0
     real_labels = np.array([class_of(r) for r in rows])
     n_images = len(rows)
     print(f"real: {len(rows)} images of {settings.get('test_split', 'test')!r} in {data}")
@@ -91,23 +110,29 @@ def main() -> None:
         files = run_files(args.eval_dir, run, classes, settings["per_class"])
         if len(files) != run["n_images"]:
             print(f"  note: {run['key']}: found {len(files)} images, results.json measured {run['n_images']}")
-        feats = extract_features(ex, [p for _, p in files], progress=False)
+        feats, from_cache = cached_or_extracted(ex, args.eval_dir / "features" / f"{_safe(run['key'])}.{ex.name}.npz",
+                                                [p for _, p in files])
         labels = np.array([c for c, _ in files])
         n_images += len(files)
+        n_cached += len(files) if from_cache else 0
         cells = {}
         for c in classes:
             r, f = real[real_labels == c], feats[labels == c]
             pc = (run.get("per_class") or {}).get(c)
             enough = len(r) >= 2 and len(f) >= 2
             top, share = top_feature(r, f, ex.feature_names) if enough else ("-", 0.0)
-            cells[c] = {"fid": pc["fid"] if pc else None, "frd": frd(r, f) if enough else None,
+            mine = pc.get("frd") if recorded and pc else (frd(r, f) if enough else None)
+            cells[c] = {"fid": pc["fid"] if pc else None, "frd": mine,
                         "n_real": len(r), "n_fake": len(f), "top_feature": top, "top_share": share}
         top, share = top_feature(real, feats, ex.feature_names)
-        table.append({"key": run["key"], "n": len(files), "fid": run["metrics"]["fid"], "frd": frd(real, feats),
+        mine = run["metrics"]["frd"] if recorded else frd(real, feats)
+        mine = float("nan") if mine is None else mine  # results.json: None = not finite
+        table.append({"key": run["key"], "n": len(files), "fid": run["metrics"]["fid"], "frd": mine,
                       "top_feature": top, "top_share": share, "per_class": cells})
     seconds = time.perf_counter() - t0
 
-    print(f"radiomics features of {n_images} images + FRDs: {seconds:.1f} s")
+    print(f"radiomics features of {n_images} images ({n_cached} from the evaluation's caches) + FRDs: {seconds:.1f} s"
+          + ("; FRD values from results.json" if recorded else ""))
     print(f"FID: {fid_name} features ({res['extractor'].get('dim')}-d), from results.json; "
           "FRD: FRD (llcm radiomics features), log scale; lower is better for both\n")
     w = max(len(t["key"]) for t in table) + 2

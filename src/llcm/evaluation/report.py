@@ -4,7 +4,7 @@ Every number in an HTML table is rendered from the results dict and carries wher
 ``<td class="num" data-key="/runs/3/metrics/fid" data-value="12.3456...">12.35</td>`` (a JSON Pointer into
 results.json and the exact JSON value), so a test can check that no table number is typed in by hand.
 Every table caption names the feature extractor (the classifier check's and the utility's tables name
-their CNN instead).
+their CNN instead; a table with FRD names its radiomics features too).
 Numbers quoted in a sentence carry the same two attributes on a ``<span>``. Plots (matplotlib) and image
 grids are embedded as base64 PNG data URIs; the results JSON itself is embedded too.
 `write_report(json.load(...), out)` rebuilds the report from results.json and the images on disk.
@@ -106,11 +106,14 @@ class Cells:
 
 
 def table(caption: str, extractor: str | None, header: Sequence[str], rows: Iterable[Sequence[str]],
-          note: str = "") -> str:
-    """extractor None: the numbers do not come from the feature extractor (the caption must say where from)."""
+          note: str = "", frd_extractor: str | None = None) -> str:
+    """extractor None: the numbers do not come from the feature extractor (the caption must say where from).
+    frd_extractor: the table has an FRD column, computed on these features (named in the caption too)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(r) + "</tr>" for r in rows)
     cap = html.escape(caption) + (f" — features: <code>{html.escape(extractor)}</code>" if extractor else "")
+    if frd_extractor:
+        cap += f"; FRD: <code>{html.escape(frd_extractor)}</code>"
     extra = f'<p class="note">{note}</p>' if note else ""
     return f"<table><caption>{cap}</caption><tr>{head}</tr>\n{body}</table>{extra}"
 
@@ -249,6 +252,31 @@ def _img(uri_png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{png_data_uri(uri_png)}">'
 
 
+def frd_shown(results: dict) -> str | None:
+    """The radiomics extractor's name when results hold FRD values (None: --no-frd, skipped, or older results)."""
+    f = results.get("frd")
+    if not f or f.get("skipped") or not f.get("extractor"):
+        return None
+    return f["extractor"] if all("frd" in r["metrics"] for r in results["runs"]) else None
+
+
+def frd_note(results: dict, c: Cells) -> str:
+    """One line: what FRD is here, and how its ranking agrees with FID's (numbers from results.json)."""
+    f = results.get("frd")
+    if not f:
+        return ""
+    if f.get("skipped"):
+        return f"FRD not computed: {html.escape(f['skipped'])}."
+    return (f"FRD = FRD (llcm radiomics features): the Fréchet Radiomics Distance recipe on llcm's "
+            f"{c.span('frd', 'features')} radiomic features (scikit-image first-order + GLCM; not frd-score's "
+            "pyradiomics features, so not comparable with frd-score or published FRDs), z-scored on the real "
+            "images, log of the Fréchet distance; lower is better. Spearman rank agreement with FID: "
+            f"{c.span('frd', 'rank_agreement_with_fid', 'runs')} across the "
+            f"{c.span('frd', 'rank_agreement_with_fid', 'n_runs')} runs, "
+            f"{c.span('frd', 'rank_agreement_with_fid', 'cells')} across the "
+            f"{c.span('frd', 'rank_agreement_with_fid', 'n_cells')} (run, class) cells (– = fewer than 3 values).")
+
+
 def table3(results: dict, c: Cells) -> str:
     """Rows = models (x sampler, x k), columns = step counts, cells = FID: the paper's Table 3 layout."""
     ex = results["extractor"]["name"]
@@ -267,8 +295,10 @@ def table3(results: dict, c: Cells) -> str:
 
 def runs_table(results: dict, c: Cells) -> str:
     ex = results["extractor"]["name"]
-    header = ["model", "sampler", "distilled with", "k", "steps", "NFE", "w", "images", "FID", "KID", "KID std",
-              "precision", "recall", "density", "coverage", "s / image", "flagged copies"]
+    rad = frd_shown(results)
+    header = ["model", "sampler", "distilled with", "k", "steps", "NFE", "w", "images", "FID"] + (
+        ["FRD"] if rad else []) + ["KID", "KID std", "precision", "recall", "density", "coverage", "s / image",
+                                   "flagged copies"]
     clf = results.get("classifier")
     if clf:
         header += ["classifier accuracy", "accuracy gap (points)"]
@@ -280,13 +310,16 @@ def runs_table(results: dict, c: Cells) -> str:
             mem += [c.num("runs", i, "classifier_accuracy"), c.num("runs", i, "classifier_accuracy_gap_points")]
         rows.append([c.text(r["label"]), c.text(r["sampler"]), c.text(dw.get("solver") or ""),
                      c.num("runs", i, "k"), c.num("runs", i, "steps"), c.num("runs", i, "nfe"), c.num("runs", i, "w"),
-                     c.num("runs", i, "n_images"), c.num("runs", i, "metrics", "fid"),
-                     c.num("runs", i, "metrics", "kid_mean"), c.num("runs", i, "metrics", "kid_std"),
+                     c.num("runs", i, "n_images"), c.num("runs", i, "metrics", "fid")]
+                    + ([c.num("runs", i, "metrics", "frd")] if rad else [])
+                    + [c.num("runs", i, "metrics", "kid_mean"), c.num("runs", i, "metrics", "kid_std"),
                      c.num("runs", i, "metrics", "precision"), c.num("runs", i, "metrics", "recall"),
                      c.num("runs", i, "metrics", "density"), c.num("runs", i, "metrics", "coverage"),
                      c.num("runs", i, "seconds_per_image")] + mem)
-    return table("All runs: FID, KID, precision/recall (k-NN manifolds, k=3) against the real test split", ex,
-                 header, rows, note="NFE = UNet evaluations per image (a CFG step counts 2). s / image = wall time "
+    return table("All runs: FID" + (", FRD" if rad else "") + ", KID, precision/recall (k-NN manifolds, k=3) "
+                 "against the real test split", ex, header, rows, frd_extractor=rad,
+                 note=(frd_note(results, c) + " " if results.get("frd") else "") +
+                 "NFE = UNet evaluations per image (a CFG step counts 2). s / image = wall time "
                  "of sampling + VAE decoding per image, over every process and session that generated the run. "
                  "flagged copies = share of the run's images flagged by the memorization check." +
                  (" classifier accuracy = share of the run's images that the classifier check's CNN (trained on the "
@@ -296,14 +329,17 @@ def runs_table(results: dict, c: Cells) -> str:
                   "run accuracy, in points (100 × fraction)." if clf else ""))
 
 
-def per_class_table(results: dict, c: Cells, metric: str, title: str) -> str:
-    ex = results["extractor"]["name"]
+def per_class_table(results: dict, c: Cells, metric: str, title: str, extractor: str | None = None,
+                    note: str = "") -> str:
+    """Rows = runs, columns = classes; `extractor`: the features of `metric` when not the FID extractor's."""
+    ex = extractor or results["extractor"]["name"]
     classes = [k["name"] for k in results["classes"]]
     rows = [[c.text(r["key"])] + [c.num("runs", i, "per_class", cl, metric) for cl in classes]
             for i, r in enumerate(results["runs"])]
     counts = [c.text("real test images")] + [c.num("real", "per_class_n", cl) for cl in classes]
     return table(title, ex, ["run"] + classes, rows + [counts],
-                 note="Per-class scores use that class's generated images against that class's test images; with "
+                 note=(note + " " if note else "") +
+                      "Per-class scores use that class's generated images against that class's test images; with "
                       "few images per class they are noisy and biased (FID upwards) — compare runs, not classes.")
 
 
@@ -498,8 +534,15 @@ def render_html(results: dict, out: Path) -> str:
                      "training copies (see below).</p>")
     parts += [table3(results, c), runs_table(results, c),
               f"<h2>Metrics against steps</h2>{_img(metric_plot(results), 'metrics vs steps')}",
-              "<h2>Per-class scores</h2>", per_class_table(results, c, "fid", "Per-class FID"),
-              per_class_table(results, c, "kid_mean", "Per-class KID"),
+              "<h2>Per-class scores</h2>", per_class_table(results, c, "fid", "Per-class FID")]
+    rad = frd_shown(results)
+    if rad:  # right after the per-class FID, on the same rows and columns
+        note = ("FRD (llcm radiomics features; see the note under All runs), log scale, lower is better. Spearman "
+                f"rank agreement with the per-class FID: {c.span('frd', 'rank_agreement_with_fid', 'cells')} over "
+                f"{c.span('frd', 'rank_agreement_with_fid', 'n_cells')} (run, class) cells.")
+        parts.append(per_class_table(results, c, "frd", "Per-class FRD (llcm radiomics features)", extractor=rad,
+                                     note=note))
+    parts += [per_class_table(results, c, "kid_mean", "Per-class KID"),
               per_class_table(results, c, "recall", "Per-class recall"),
               classifier_section(results, c), utility_section(results, c),
               "<h2>Image grids (classes × steps)</h2>"]
