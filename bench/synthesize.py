@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8, help="diffusers batches timed before and after llcm (default 8)")
     ap.add_argument("--threads", type=int, default=2, help="cores both sides may use (default 2)")
     ap.add_argument("--workers", type=int, default=None, help="llcm's --workers (default: its own choice)")
-    ap.add_argument("--compile", choices=["off", "on", "auto"], default="auto", help="llcm's --compile (default auto)")
+    ap.add_argument("--compile", choices=["off", "on"], default="off", help="llcm's --compile (default off)")
     args = ap.parse_args()
 
     import torch

@@ -52,10 +52,10 @@ def register(sub) -> None:
                    help="the dataset the model was trained on: its class names and taxonomy (stats.json) and, with "
                         "--filter-memorized, its train images")
     p.add_argument("--out", required=True, help="output folder: new or empty, or an interrupted run to resume")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the UNet and decoder: about 2 minutes of compiling on 2 CPU cores for 1.3x "
-                        "images/s, so auto (default) compiles runs of 10,000 images or more (images may differ from "
-                        "uncompiled ones by one grey level on a few pixels; part of the settings)")
+    p.add_argument("--compile", choices=["on", "off"], default="off",
+                   help="torch.compile the UNet and decoder (default off: on the default model and 2 CPU cores it gave no "
+                        "gain once warm; for larger models or GPUs; images may then differ by one grey level on a few "
+                        "pixels, and it is part of the settings a resume must repeat)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes that sample and write (default: on a CPU one single-threaded process per core for "
                         "runs of 1,000 images or more, else 1; 1 on a GPU or with --filter-memorized); the images do not "
