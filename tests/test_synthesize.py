@@ -96,6 +96,37 @@ def test_rerun_is_byte_identical_and_resumes_after_an_interruption(made, tmp_pat
     assert all(dataset_files(out)[k] == v for k, v in before.items())
 
 
+def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, one_torch_thread):
+    """SIGKILL in the middle of a run (a real process, killed once a few batches are journaled), then the same
+    command again: the dataset equals one made in a single go."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, clean = tmp_path / "killed", tmp_path / "clean"
+    args = ["--model", "default", "--per-class", "24", "--classes", MRI, FUNDUS, "--batch", "2", "--quiet",
+            "--workers", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "llcm.cli", "synthesize", *args, "--out", str(out)], env=env)
+    journal = out / ".synthesize" / "journal.jsonl"
+    deadline = time.monotonic() + 300  # only a guard against a hung test; the kill waits for the journal
+    while proc.poll() is None and time.monotonic() < deadline:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "train" / "metadata.jsonl").exists()
+    assert main(["synthesize", *args, "--out", str(out)]) == 0
+    assert main(["synthesize", *args, "--out", str(clean)]) == 0
+    files = dataset_files(out)
+    assert {k for k in files if "/." not in k} == set(dataset_files(clean))  # a torn temporary file may remain
+    assert all(files[k] == v for k, v in dataset_files(clean).items())
+
+
 def test_worker_processes_write_the_same_bytes(made, tmp_path):
     out = tmp_path / "parallel"
     assert run(out, "--workers", "2") == 0
