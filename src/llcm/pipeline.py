@@ -27,6 +27,7 @@ from llcm.errors import UserError
 from llcm.fileio import atomic_folder
 from llcm.images import luminance_rgb
 from llcm.model_folder import LLCMConfig, ModelConfig, read_config, read_schedule
+from llcm.attention import use_shared_prompt_attention
 from llcm.models import Components, encode_prompts, load_components, model_hash
 from llcm.presets import MAX_BATCH, MAX_W
 from llcm.sampling import consistency_timesteps, make_generators, max_steps, sample_consistency
@@ -62,6 +63,8 @@ class LLCMPipeline:
         self.model = ConsistencyModel(components.unet, self.schedule, components.prediction_type,
                                       self.config.sigma_data, self.config.timestep_scaling)
         self._hash: str | None = None
+        if hasattr(components.unet, "set_attn_processor"):  # a batch of one prompt attends to it once
+            use_shared_prompt_attention(components.unet)
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -155,9 +158,10 @@ class LLCMPipeline:
         c = self.components
         ts = list(timesteps) if timesteps else consistency_timesteps(steps, self.schedule.num_train_timesteps,
                                                                      self.config.k)
-        distinct = list(dict.fromkeys(prompts))  # a batch of one prompt encodes it once
-        table = encode_prompts(c, distinct)
-        embeds = table[[distinct.index(p) for p in prompts]]
+        distinct = list(dict.fromkeys(prompts))  # a batch of one prompt encodes it once, and is passed as one
+        table = encode_prompts(c, distinct)     # row expanded (llcm.attention attends to it once)
+        embeds = (table[:1].expand(len(prompts), -1, -1) if len(distinct) == 1
+                  else table[[distinct.index(p) for p in prompts]])
         shape = (c.unet.config.in_channels, height // c.vae_scale_factor, width // c.vae_scale_factor)
         return ts, sample_consistency(self.model, embeds, w, make_generators(seeds), shape, ts,
                                       latent_mean=self.config.latent_mean)
