@@ -93,8 +93,10 @@ def is_adapter(folder: str | os.PathLike) -> bool:
 
 def adapter_record(folder: str | os.PathLike) -> dict:
     """The "adapter" entry of an adapter folder's llcm.json (base, base_hash, rank, alpha, target_modules), with
-    "base" as a --model argument: "default", or the base folder's absolute path on this machine (llcm.json
-    records it relative to the adapter folder; older adapters: absolute)."""
+    "base" as a --model argument: "default", a Hugging Face id pinned to a commit (org/name@commit), or the base
+    folder's absolute path on this machine (llcm.json records it relative to the adapter folder; older
+    adapters: absolute)."""
+    from llcm.hub import split_hub_id
     from llcm.pipeline import DEFAULT_MODEL
 
     folder = Path(folder).expanduser()
@@ -103,17 +105,22 @@ def adapter_record(folder: str | os.PathLike) -> dict:
     record = read_meta(folder).get("adapter")
     if not record or not record.get("base") or not record.get("base_hash"):
         raise UserError(f"{folder} has {ADAPTER_FILE} but its llcm.json does not name the base model")
-    if record["base"] != DEFAULT_MODEL:
-        record = {**record, "base": str(follow_link(record["base"], folder))}
+    local = follow_link(record["base"], folder)
+    if record["base"] != DEFAULT_MODEL and (split_hub_id(record["base"]) is None or local.exists()):
+        record = {**record, "base": str(local)}
     return record
 
 
 def base_spec(given: str | os.PathLike) -> str:
-    """The base of an adapter about to be trained: "default" as is, any other folder as an absolute path
-    (:func:`save_adapter` records it relative to the adapter folder)."""
-    from llcm.pipeline import DEFAULT_MODEL
+    """The base of an adapter about to be trained: "default" as is, a Hugging Face id pinned to its cached commit
+    (org/name@commit), any other folder as an absolute path (:func:`save_adapter` records it relative to the
+    adapter folder)."""
+    from llcm.pipeline import DEFAULT_MODEL, hub_snapshot
 
-    return DEFAULT_MODEL if str(given) == DEFAULT_MODEL else str(Path(given).expanduser().resolve())
+    if str(given) == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    snapshot = hub_snapshot(given)
+    return str(Path(given).expanduser().resolve()) if snapshot is None else snapshot.record
 
 
 def base_folder(folder: str | os.PathLike) -> Path:
@@ -140,13 +147,14 @@ def save_adapter(unet: nn.Module, folder: str | os.PathLike, config: dict, base:
     """Write an adapter folder atomically: LoRA + fully trained tensors, llcm.json, scheduler config.
 
     ``config`` is the model's llcm.json content (classes, k, w range, latent_mean, ...); ``unet_hash`` is
-    the merged UNet's, the hash the loaded model and its images report. ``base`` ("default" or a folder) is
-    recorded as "default" or relative to `folder`, so the two can be moved together.
+    the merged UNet's, the hash the loaded model and its images report. ``base`` ("default", a Hugging Face id
+    or a folder) is recorded as "default", as the id, or relative to `folder`, so the two can be moved together.
     """
     from peft.utils import get_peft_model_state_dict
 
     from llcm import __version__
     from llcm.fileio import atomic_folder
+    from llcm.hub import split_hub_id
     from llcm.models import model_hash
     from llcm.pipeline import DEFAULT_MODEL
 
@@ -155,7 +163,7 @@ def save_adapter(unet: nn.Module, folder: str | os.PathLike, config: dict, base:
     full = {n.replace(".base_layer.", "."): p for n, p in unet.named_parameters()
             if p.requires_grad and "lora_" not in n}  # e.g. the w-embedding, trained in full
     tensors.update(full)
-    recorded_base = base if str(base) == DEFAULT_MODEL else link_to(base, folder)
+    recorded_base = base if str(base) == DEFAULT_MODEL or split_hub_id(base) else link_to(base, folder)
     record = {"base": recorded_base, "base_hash": base_hash, "rank": int(peft_config.r),
               "alpha": peft_config.lora_alpha, "target_modules": sorted(peft_config.target_modules),
               "trained_in_full": sorted(full),

@@ -44,14 +44,18 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
                  progress: bool = True, device: str | torch.device | None = None) -> tuple[LatentSet, dict]:
     """Encode one split of an imagefolder dataset with the VAE in ``model``; returns (latents, info).
 
-    ``model`` is a full model folder (with ``vae/``), a `llcm train vae` run or model folder, or a bare
-    AutoencoderKL folder. ``info["skipped"]`` is True when an up-to-date cache was reused.
+    ``model`` is a full model folder (with ``vae/``), a `llcm train vae` run or model folder, a bare
+    AutoencoderKL folder, an adapter folder (its base's VAE), "default" or a Hugging Face id in the local cache
+    (:func:`llcm.pipeline.resolve_model`). ``info["skipped"]`` is True when an up-to-date cache was reused.
     """
     from tqdm.auto import tqdm
 
+    from llcm.adapter import full_model_folder
+    from llcm.pipeline import model_record, resolve_model
+
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
-    vae_dir = find_vae_folder(model)
+    vae_dir = find_vae_folder(full_model_folder(resolve_model(model)))  # an adapter has no VAE of its own
     vae = load_vae(vae_dir)
     scale = float(vae.config.scaling_factor)
     images: ImageSplit = scan_split(data_dir, split, vae_factor(vae))
@@ -110,7 +114,7 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
     from llcm import __version__
 
     # provenance by name (data_hash and vae_hash identify them), never a path of this machine
-    meta = {**want, "source": record_name(data_dir), "vae_source": record_name(model),
+    meta = {**want, "source": record_name(data_dir), "vae_source": model_record(model),
             "classes": [first_class[p] for p in prompts], "image_size": [images.height, images.width],
             "vae_factor": vae_factor(vae), "encoding": "posterior mean x scaling_factor",
             "grayscale": grayscale_classes(np.concatenate(spreads), list(images.texts)),

@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from llcm.presets import MAX_BATCH, MAX_W
 from llcm.sampling import consistency_timesteps, make_generators, max_steps, sample_consistency
 from llcm.schedules import Schedule
 
+if TYPE_CHECKING:
+    from llcm.hub import HubSnapshot
 
 
 @dataclass
@@ -250,21 +252,46 @@ def default_model_path() -> Path | None:
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
-    """A --model argument as a folder: "default" names the model shipped with llcm, anything else a path.
+    """A --model argument as a folder: "default" names the model shipped with llcm, an existing path is that
+    folder, and a Hugging Face id ``org/name[@revision]`` is its snapshot in the local HF cache (:mod:`llcm.hub`;
+    a local folder spelled like an id wins). Anything else comes back as a path, which the caller checks.
 
-    Every command that takes a model folder resolves it here, so "default" means the same everywhere."""
-    if str(spec) != DEFAULT_MODEL:
-        return Path(spec).expanduser()
-    path = default_model_path()
-    if path is None:
-        raise UserError("this llcm install has no default model (llcm/default_model is missing); "
-                        "pass a model folder instead")
-    return path
+    Every command that takes a model folder resolves it here, so each spelling means the same everywhere."""
+    if os.fspath(spec) == DEFAULT_MODEL:
+        path = default_model_path()
+        if path is None:
+            raise UserError("this llcm install has no default model (llcm/default_model is missing); "
+                            "pass a model folder instead")
+        return path
+    snapshot = hub_snapshot(spec)
+    return Path(spec).expanduser() if snapshot is None else snapshot.folder
+
+
+def model_record(spec: str | os.PathLike) -> str:
+    """How saved records name the model a --model argument names: "default", a Hugging Face id pinned to its
+    cached commit (``org/name@<commit>``), or a folder by :func:`llcm.fileio.record_name` (never absolute)."""
+    from llcm.fileio import record_name
+
+    try:
+        snapshot = hub_snapshot(spec)
+    except UserError:  # not in the cache: the command that loads it says so
+        snapshot = None
+    return record_name(spec) if snapshot is None else snapshot.record
+
+
+def hub_snapshot(spec: str | os.PathLike) -> HubSnapshot | None:
+    """The Hugging Face snapshot a --model argument names (:func:`llcm.hub.find_snapshot`): None for an existing
+    local path (it wins over an id of the same spelling) or anything not spelled org/name[@revision]; a
+    UserError for an id that the local cache lacks."""
+    from llcm.hub import find_snapshot
+
+    return None if Path(spec).expanduser().exists() else find_snapshot(spec)
 
 
 def load_pipeline(spec: str | None = None, adapter: str | os.PathLike | None = None) -> LLCMPipeline:
-    """A pipeline from a local folder, "default", a preset name (untrained weights) or, when None, the
-    default model (the tiny preset, with a warning, if this install has none).
+    """A pipeline from a local folder, "default", a Hugging Face id in the local cache (org/name[@revision]), a
+    preset name (untrained weights) or, when None, the default model (the tiny preset, with a warning, if this
+    install has none).
 
     `adapter`: an adapter folder merged into `spec` (default: into the base the adapter records)."""
     from llcm.models import add_guidance_embedding, build_tiny_components, list_presets, load_preset
@@ -283,7 +310,10 @@ def load_pipeline(spec: str | None = None, adapter: str | os.PathLike | None = N
             return LLCMPipeline.from_pretrained(path)
     p = resolve_model(spec)
     if p.exists():
-        return LLCMPipeline.from_pretrained(p)
+        pipe = LLCMPipeline.from_pretrained(p)
+        if hub_snapshot(spec) is not None:  # named by id@commit, not by its snapshot folder's name
+            pipe.name = model_record(spec)
+        return pipe
     if spec in list_presets():
         preset = load_preset(spec)
         if preset.get("source") != "configs":  # sd15, sd21-base: describe checkpoints the user must have
@@ -291,5 +321,5 @@ def load_pipeline(spec: str | None = None, adapter: str | os.PathLike | None = N
         comps = build_tiny_components(preset, seed=0)
         comps = dataclasses.replace(comps, unet=add_guidance_embedding(comps.unet))
         return LLCMPipeline(comps, LLCMConfig(), name=spec)
-    raise UserError(f"model {spec!r} is neither a local folder nor a preset ({', '.join(list_presets())}); "
-                    "llcm never downloads models")
+    raise UserError(f"model {spec!r} is neither a local folder, a Hugging Face id (org/name) nor a preset "
+                    f"({', '.join(list_presets())}); llcm never downloads models")

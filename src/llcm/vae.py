@@ -195,8 +195,11 @@ def build_vae(config: dict, seed: int = 0):
 
 def find_vae_folder(path: str | os.PathLike) -> Path:
     """The AutoencoderKL folder inside ``path``: ``path/vae`` (a full model), ``path/model`` (a `llcm train vae`
-    run) or ``path`` itself (a bare VAE folder)."""
-    folder = Path(path).expanduser()
+    run) or ``path`` itself (a bare VAE folder). ``path`` is a --model argument: a folder, "default" or a Hugging
+    Face id in the local cache (:func:`llcm.pipeline.resolve_model`)."""
+    from llcm.pipeline import resolve_model
+
+    folder = resolve_model(path)
     if not folder.is_dir():
         raise UserError(f"model folder not found: {path} (llcm never downloads weights: pass a local folder)")
     for cand in (folder / "vae", folder / "model", folder):
@@ -213,7 +216,8 @@ def find_vae_folder(path: str | os.PathLike) -> Path:
 
 
 def load_vae(path: str | os.PathLike):
-    """Load an AutoencoderKL from a local folder (see :func:`find_vae_folder`), in eval mode."""
+    """Load an AutoencoderKL from a local folder or a cached Hugging Face id (see :func:`find_vae_folder`), in
+    eval mode."""
     from diffusers import AutoencoderKL
 
     folder = find_vae_folder(path)

@@ -37,7 +37,8 @@ typical workflow (the shipped default model; add --preset sd15 --base PATH for S
   llcm synthesize --model runs/mine/model --per-class 500 --out synth/mine   a synthetic dataset
   llcm <command> --help                                             every command explains its options
 
-Nothing is ever downloaded: models and data are local folders you pass by path.
+Nothing is ever downloaded: models and data are local folders you pass by path (a model may also be a
+Hugging Face id, org/name[@revision], that the local Hugging Face cache already holds).
 """
 
 

@@ -29,7 +29,8 @@ def register_distill(sub) -> None:
     d = training_defaults(None, "distill")
     p = sub.add_parser("distill", help="latent consistency distillation (LLCM / LCM)", description=DISTILL_HELP,
                        epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher model folder (llcm or diffusers SD format)")
+    p.add_argument("--teacher", required=True, help="teacher model folder (llcm or diffusers SD format), or a "
+                   "Hugging Face id org/name[@revision] already in the local HF cache")
     p.add_argument("--latents", required=True, help="latent cache from `llcm encode` (same VAE as the teacher)")
     consistency_options(p, d)
     p.add_argument("--solver", default="leapfrog", help="ODE solver: leapfrog, ddim, midpoint, dpmpp")
@@ -41,6 +42,7 @@ def register_distill(sub) -> None:
 
 def run_distill(args) -> int:
     from llcm.models import load_components
+    from llcm.pipeline import resolve_model
     from llcm.solvers import SOLVERS
     from llcm.tasks import DistillTask
 
@@ -51,12 +53,12 @@ def run_distill(args) -> int:
     if cfg is None:  # resumed a finished run: nothing to do
         return 0
     require_folder(args.latents, "latent cache", "create it with `llcm encode`")
-    teacher = load_components(args.teacher)
+    teacher = load_components(resolve_model(args.teacher))
     student = None
     if args.student:
         if args.lora_rank:
             raise UserError("--student starts from a full LLCM UNet; it cannot be combined with --lora-rank")
-        student = load_components(args.student).unet
+        student = load_components(resolve_model(args.student)).unet
     data = load_latents(args.latents, teacher)
     return run_training(lambda: DistillTask(teacher, data, solver=args.solver, student=student, **consistency_kwargs(args, d)),
                         args, cfg, "distill")
@@ -82,8 +84,9 @@ A prompt whose training images are grayscale (measured by `llcm encode`) is reco
 llcm.json "grayscale" list, with the base's, and is drawn as luminance (llcm generate --keep-colour
 keeps the RGB samples).
 
---model is a model folder, 'default' (the model shipped with llcm) or the OUT/model of an earlier
-finetune, full or adapter. Its files are only read.
+--model is a model folder, 'default' (the model shipped with llcm), the OUT/model of an earlier
+finetune, full or adapter, or a Hugging Face id org/name[@revision] in the local HF cache. Its files are
+only read.
 
 --lora-rank R trains LoRA adapters (and the w-embedding) only, and OUT/model is then a small adapter
 folder (adapter.safetensors + llcm.json naming the base and its UNet hash), not a copy of the UNet: one
@@ -119,7 +122,8 @@ def register_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="latent consistency fine-tuning (LCF) on a new dataset",
                        description=FINETUNE_HELP, epilog=LOOP_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a trained LLCM folder, 'default', or an adapter folder")
+    p.add_argument("--model", required=True, help="a trained LLCM folder, 'default', an adapter folder or a "
+                   "Hugging Face id in the local HF cache")
     p.add_argument("--latents", required=True, help="latent cache of the new dataset (encoded with this model's VAE)")
     p.add_argument("--merge", action="store_true",
                    help="with --lora-rank: write the merged full model (loadable by diffusers alone) instead of "

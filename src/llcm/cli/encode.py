@@ -24,7 +24,8 @@ def register(sub) -> None:
     e.add_argument("--data", required=True, help="dataset folder with imagefolder splits (SPLIT/metadata.jsonl)")
     e.add_argument("--model", required=True,
                    help="local model folder with vae/, 'default' (the model shipped with llcm), an adapter folder "
-                        "(its base's VAE), a `llcm train vae` run (or its model/), or a VAE folder")
+                        "(its base's VAE), a `llcm train vae` run (or its model/), a VAE folder, or a Hugging Face "
+                        "id org/name[@revision] already in the local HF cache")
     e.add_argument("--out", required=True, help="latent cache folder to write")
     e.add_argument("--split", default="train", help="split to encode (default train)")
     e.add_argument("--flip", action="store_true",
@@ -38,12 +39,9 @@ def register(sub) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from llcm.adapter import full_model_folder
     from llcm.encode import encode_split
-    from llcm.pipeline import resolve_model
 
-    model = full_model_folder(resolve_model(args.model))  # an adapter has no VAE of its own: its base's
-    latents, info = encode_split(args.data, model, args.out, split=args.split, flip=args.flip,
+    latents, info = encode_split(args.data, args.model, args.out, split=args.split, flip=args.flip,
                                  overwrite=args.overwrite, batch_size=args.batch, progress=not args.quiet)
     if info["skipped"]:
         print(f"{args.out} is up to date (VAE {info['vae_hash']}, data {info['data_hash']}, split {args.split}, "

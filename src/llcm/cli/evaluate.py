@@ -19,8 +19,9 @@ command, versions, seeds, extractor and model hashes) and OUT/results.json (the 
 
 --model NAME=FOLDER[:SAMPLER][@N[,N...]]   (repeat; one table row per model, sampler and step count)
   NAME=FOLDER                  LLCM / LCM folder (has a w-embedding): consistency sampling at each --steps;
-                               FOLDER may be 'default' (the model shipped with llcm) or an adapter folder from
-                               `llcm finetune --lora-rank` (merged into the base it records; hash-checked)
+                               FOLDER may be 'default' (the model shipped with llcm), an adapter folder from
+                               `llcm finetune --lora-rank` (merged into the base it records; hash-checked) or a
+                               Hugging Face id org/name[@REVISION] already in the local HF cache
   NAME=FOLDER:ddim@50          a teacher with real CFG: DDIM (or dpmpp, leapfrog, midpoint) at 50 steps
   NAME=FOLDER:dpmpp@10,20      several step counts in one entry
   NAME=DB_FOLDER:ddim@50       a DreamBooth set from `llcm train dreambooth` (one model per class)

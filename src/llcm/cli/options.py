@@ -31,8 +31,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """--model and --adapter, as generate and serve take them."""
     p.add_argument("--model", default=None,
                    help="a local model folder (llcm or diffusers LCM format, or an adapter folder from `llcm "
-                        "finetune --lora-rank`), 'default' (the model shipped with llcm) or a preset name; "
-                        "default: the shipped model. With --adapter: the base to apply it to")
+                        "finetune --lora-rank`), 'default' (the model shipped with llcm), a Hugging Face id "
+                        "org/name[@revision] already in the local HF cache (never downloaded; a local folder of "
+                        "that name wins) or a preset name; default: the shipped model. With --adapter: the base "
+                        "to apply it to")
     p.add_argument("--adapter", default=None, metavar="FOLDER",
                    help="an adapter folder from `llcm finetune --lora-rank`: merged into a copy of the base in "
                         "memory (the base's files are only read). The base is --model, else the one the adapter "
@@ -107,11 +109,18 @@ def load_latents(path: str, components):
     return LatentSet.load(path, expect_vae_hash=model_hash(components.vae))
 
 
-def recorded_args(args: argparse.Namespace, skip: tuple[str, ...] = ("func",)) -> dict:
-    """The options as a run's config.json records them: a path given as absolute by its folder's name only."""
-    from llcm.fileio import record_name
+# the options of the training commands that name a model (a folder, "default" or a Hugging Face id)
+MODEL_OPTIONS = ("model", "base", "teacher", "student", "init", "anchor_model")
 
-    return {k: record_name(v) if isinstance(v, str) else v for k, v in vars(args).items() if k not in skip}
+
+def recorded_args(args: argparse.Namespace, skip: tuple[str, ...] = ("func",)) -> dict:
+    """The options as a run's config.json records them: a path given as absolute by its folder's name only, a
+    Hugging Face id pinned to the commit it resolved to (llcm.pipeline.model_record)."""
+    from llcm.fileio import record_name
+    from llcm.pipeline import model_record
+
+    return {k: (model_record(v) if k in MODEL_OPTIONS else record_name(v)) if isinstance(v, str) else v
+            for k, v in vars(args).items() if k not in skip}
 
 
 # the options of the training commands that name folders a run reads: --out may never be, hold or lie in one

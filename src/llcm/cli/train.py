@@ -41,7 +41,8 @@ def register_vae(train_sub) -> None:
     p.add_argument("--preset", default="tiny-cpu", help="preset (name or .json) whose 'vae' config is built "
                    "(default tiny-cpu)")
     p.add_argument("--init", default=None, metavar="VAE_FOLDER",
-                   help="start from this local AutoencoderKL (a model folder with vae/, or a VAE folder)")
+                   help="start from this AutoencoderKL (a model folder with vae/, or a VAE folder; or a Hugging "
+                        "Face id org/name[@revision] already in the local HF cache)")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
     p.add_argument("--batch", type=int, default=16, help="global batch size (default 16)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
@@ -79,6 +80,7 @@ class _DryRun:
 
 
 def run_train_vae(args: argparse.Namespace) -> int:
+    from llcm.pipeline import model_record
     from llcm.presets import load_preset
     from llcm.replay import anchor_samples
     from llcm.training import TrainConfig, train, writable_folder
@@ -102,8 +104,8 @@ def run_train_vae(args: argparse.Namespace) -> int:
     if check_out(args, cfg, "vae"):  # resumed a finished run: nothing to do
         return 0
     if args.init:
-        vae = load_vae(args.init)
-        source = {"init": record_name(args.init)}
+        vae = load_vae(args.init)  # a folder, "default" or a Hugging Face id (llcm.pipeline.resolve_model)
+        source = {"init": model_record(args.init)}
     else:
         preset = load_preset(args.preset)
         if not preset.get("vae"):
@@ -152,7 +154,7 @@ def run_train_vae(args: argparse.Namespace) -> int:
     if args.anchor_model:
         anchor_z = anchor_samples(args.anchor_model, vae, args.anchor_samples, args.seed,
                                  (train_split.height, train_split.width))
-        source = {**source, "anchor_model": record_name(args.anchor_model),
+        source = {**source, "anchor_model": model_record(args.anchor_model),
                   "anchor_samples_per_class": args.anchor_samples}
     task = VAETask(vae, train_px, eval_px, eval_split.split if eval_split else "train", kl_weight=kl_weight,
                    steps=args.steps, standardize_latents=args.standardize_latents,
@@ -192,8 +194,9 @@ def register_teacher(train_sub) -> None:
     p = train_sub.add_parser("teacher", help="retrain a latent diffusion teacher", description=TEACHER_HELP,
                              epilog=LOOP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latents", required=True, help="latent cache from `llcm encode`")
-    p.add_argument("--base", default=None, help="local diffusers SD folder to fine-tune (default: build the "
-                   "preset's tiny UNet from scratch)")
+    p.add_argument("--base", default=None, help="diffusers SD folder to fine-tune, or a Hugging Face id "
+                   "org/name[@revision] already in the local HF cache (default: build the preset's tiny UNet "
+                   "from scratch)")
     p.add_argument("--model", default=None, help="a model folder whose VAE/text encoder to use with a fresh tiny "
                    "UNet (e.g. the output of `llcm train vae` plus the preset's text encoder); the UNet is built "
                    "for the VAE's latent channels")
@@ -212,16 +215,17 @@ def teacher_components(args):
     import dataclasses
 
     from llcm.models import components_from_preset, load_components
+    from llcm.pipeline import resolve_model
     from llcm.presets import load_preset
 
     if args.base:
-        return load_components(args.base)
+        return load_components(resolve_model(args.base))
     preset = load_preset(args.preset)
     vae = None
     if args.model:
         from diffusers import AutoencoderKL
 
-        folder = Path(args.model)
+        folder = resolve_model(args.model)
         vae_dir = folder / "vae" if (folder / "vae").exists() else folder
         if not (vae_dir / "config.json").exists():
             raise UserError(f"{args.model} has no VAE (expected {vae_dir}/config.json)")
@@ -277,7 +281,7 @@ def register_dreambooth(train_sub) -> None:
     p = train_sub.add_parser("dreambooth", help="DreamBooth-style per-class fine-tune of the teacher (baseline)",
                              description=DB_HELP, epilog=LOOP_HELP,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher model folder")
+    p.add_argument("--teacher", required=True, help="teacher model folder (or a Hugging Face id in the local cache)")
     p.add_argument("--latents", required=True, help="latent cache of the train split (the teacher's VAE)")
     p.add_argument("--class", dest="classes", required=True, help="class name or prompt; comma-separated; 'all'")
     p.add_argument("--instance-prompt", choices=["rare", "class"], default="rare",
@@ -295,12 +299,14 @@ def register_dreambooth(train_sub) -> None:
 def run_dreambooth(args: argparse.Namespace) -> int:
     from llcm.dreambooth import DreamBoothTask, class_rows, slug, write_set_entry
     from llcm.models import load_components, model_hash
+    from llcm.pipeline import model_record, resolve_model
     from llcm.training import refuse_overlap, train
 
     d = args._db_defaults
     loop_config(args, d).validate()
     refuse_overlap(args.out, input_folders(args))  # OUT holds one run per class: each is checked below
-    probe = load_components(args.teacher)
+    teacher = resolve_model(args.teacher)
+    probe = load_components(teacher)
     data = load_latents(args.latents, probe)
     teacher_hash = model_hash(probe)
     del probe
@@ -323,7 +329,7 @@ def run_dreambooth(args: argparse.Namespace) -> int:
     status = 0
     for name, cfg in todo:
         sub = Path(cfg.out)
-        comps = load_components(args.teacher)  # a fresh teacher for every class
+        comps = load_components(teacher)  # a fresh teacher for every class
         class_prompt = class_rows(data, name)[2]
         task = DreamBoothTask(comps, data, name, instance_prompt=None if args.instance_prompt == "rare" else
                               class_prompt, rare_token=args.rare_token, num_prior=args.num_prior,
@@ -337,7 +343,7 @@ def run_dreambooth(args: argparse.Namespace) -> int:
             continue
         print(f"dreambooth {name}: {outcome(summary)}")
         if summary["status"] == "finished":
-            write_set_entry(out, task, sub / "model", record_name(args.teacher), teacher_hash)
+            write_set_entry(out, task, sub / "model", model_record(args.teacher), teacher_hash)
         else:
             status = 1
     return status
