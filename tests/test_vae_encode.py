@@ -164,7 +164,7 @@ def test_encode_latents_cache(trained, capsys):
     assert main(["encode", "--data", str(data), "--model", str(run / "model"), "--out", str(out), "--quiet"]) == 0
     lat = LatentSet.load(out)
     assert lat.latents.shape == (36, 4, 8, 8)
-    assert float(lat.latents.std()) == pytest.approx(1.0, abs=1e-3)  # scaling factor measured on these
+    assert float(lat.latents.to_tensor().std()) == pytest.approx(1.0, abs=1e-3)  # scaling factor measured on these
     rows = [json.loads(x) for x in (data / "train" / "metadata.jsonl").read_text().splitlines()]
     assert lat.prompts == list(dict.fromkeys(r["text"] for r in rows))
     assert [lat.prompts[i] for i in lat.prompt_index] == [r["text"] for r in rows]
@@ -177,13 +177,15 @@ def test_encode_latents_cache(trained, capsys):
     # the test split, never seen by the scaling factor, is still close to unit std
     assert main(["encode", "--data", str(data), "--model", str(run), "--out", str(tmp / "lt"), "--split", "test",
                  "--quiet"]) == 0
-    assert float(LatentSet.load(tmp / "lt").latents.std()) == pytest.approx(1.0, abs=0.3)
+    assert float(LatentSet.load(tmp / "lt").latents.to_tensor().std()) == pytest.approx(1.0, abs=0.3)
 
     capsys.readouterr()
-    before = (out / "latents.safetensors").stat().st_mtime_ns
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}  # latents.json and its fp16 shard(s)
+    assert "latents-00000.safetensors" in stamps
+    assert json.loads((out / "latents.json").read_text())["dtype"] == "float16"
     assert main(["encode", "--data", str(data), "--model", str(run / "model"), "--out", str(out), "--quiet"]) == 0
     assert "up to date" in capsys.readouterr().out
-    assert (out / "latents.safetensors").stat().st_mtime_ns == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     full = tmp / "full-model"  # a full model folder (vae/ subfolder) with the same VAE is the same cache
     shutil.copytree(run / "model", full / "vae")
     assert main(["encode", "--data", str(data), "--model", str(full), "--out", str(out), "--quiet"]) == 0

@@ -5,7 +5,8 @@ DistillTask   - latent consistency distillation from a frozen teacher with a cho
 FinetuneTask  - latent consistency fine-tuning (LCF, LLCM Alg. 1) of a trained LLCM, no teacher.
 
 Each task precomputes the text embeddings of its (few) distinct prompts once, and in `draw` makes
-every random choice of a step for the global batch (see llcm.training).
+every random choice of a step for the global batch (see llcm.training), reading latents only for the
+rows this process trains on (`local_rows`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from llcm.adapter import add_lora, merged_unet
 from llcm.consistency import ConsistencyModel
 from llcm.errors import UserError
 from llcm.fileio import record_name
-from llcm.latents import LatentSet, channel_mean
+from llcm.latents import LatentSet, channel_mean, read_rows
 from llcm.losses import ConsistencyDistillationLoss, ConsistencyFinetuneLoss, DenoiserNet, DenoisingLoss
 from llcm.models import Components, add_guidance_embedding, encode_prompts, tokenize_prompts
 from llcm.schedules import Schedule
@@ -96,7 +97,7 @@ class TeacherTask(_PromptData):
 
     def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         b = len(idx)
-        z0 = self.data.latents[idx]
+        z0 = read_rows(self.data.latents, idx, self.local_rows)
         drop = torch.rand(b, generator=gen) < self.cond_dropout
         batch = {"z0": z0, "noise": torch.randn(z0.shape, generator=gen),
                  "t": torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=gen)}
@@ -196,7 +197,7 @@ class _ConsistencyTask(_PromptData):
 
     def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         b = len(idx)
-        z0 = self.data.latents[idx]
+        z0 = read_rows(self.data.latents, idx, self.local_rows)
         k = self.k_now()
         grid = self.grid if k == self.k else self.schedule.skipping_grid(k)
         n = torch.randint(0, len(grid), (b,), generator=gen)
@@ -351,7 +352,10 @@ class FinetuneTask(_ConsistencyTask):
         pos = torch.randperm(len(idx), generator=gen)[:r]
         pick = torch.randint(len(self.replay), (r,), generator=gen)
         batch = super().draw(idx, gen)
-        batch["z0"][pos] = self.replay.latents[pick]
+        mine = torch.zeros(len(idx), dtype=torch.bool)
+        mine[self.local_rows] = True
+        here = mine[pos]  # replay latents are read for this process's rows only
+        batch["z0"][pos[here]] = self.replay.latents[pick[here]]
         batch["embeds"][pos] = self.replay_embeds[self.replay.prompt_index[pick]]
         batch["replay"] = torch.zeros(len(idx), dtype=torch.bool)
         batch["replay"][pos] = True

@@ -8,7 +8,10 @@ sample grids and the progress bar.
 Determinism: every random draw of step n comes from a generator seeded with (seed, n) and is made
 for the whole *global* batch before each process takes its slice. So a run resumed from a
 checkpoint, or split over several processes, sees exactly the same batches and noise as one
-uninterrupted single-process run (tests/test_training.py checks both).
+uninterrupted single-process run (tests/test_training.py checks both). Only the *data* of the other
+processes' rows is not read: train() sets `task.local_rows` to this process's positions of the global
+batch, and a task's draw reads latents there only (llcm.latents.read_rows; the other rows are zeros
+that this process never uses).
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ class Task(Protocol):
         """Per-sample loss [b] for a (local) batch; `net` is `trainable`, possibly wrapped for processes."""
 
     def draw(self, indices: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
-        """The global batch for `indices`: data rows plus every random draw (noise, t, w, dropout)."""
+        """The global batch for `indices`: data rows plus every random draw (noise, t, w, dropout); the data
+        may be read at `local_rows` only (TaskBase)."""
 
     def begin(self, out: Path) -> None:
         """Called on the main process once the run folder exists, before the first step (e.g. to cache data
@@ -141,6 +145,7 @@ class TaskBase:
     trained_steps: int = 0  # set by train() before save_model (a time limit can end a run early)
     step: int = 0  # set by train() before each draw, for tasks whose batches follow a curriculum
     max_steps: int = 1
+    local_rows: slice = slice(None)  # set by train(): this process's positions of the global batch (see above)
 
     def loss(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return self.loss_fn(net, batch)
@@ -449,14 +454,15 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     last_loss, t_last, seen_since = float("nan"), time.perf_counter(), 0
     deadline = t_last + 60 * config.time_limit_minutes if config.time_limit_minutes > 0 else math.inf
     status, timed_out, interrupted = "finished", False, False
+    per_rank = local_batch * config.grad_accum
+    task.local_rows = slice(rank * per_rank, (rank + 1) * per_rank) if world > 1 else slice(None)
     try:
         while step < config.max_steps:
             gen = step_generator(config.seed, step)
             idx = batch_indices(n, config.batch_size, step, config.seed)
             task.step, task.max_steps = step, config.max_steps
-            batch = task.draw(idx, gen)
-            local = slice_batch(batch, rank * local_batch * config.grad_accum,
-                                (rank + 1) * local_batch * config.grad_accum)
+            batch = task.draw(idx, gen)  # every random draw of the global batch; data of the local rows only
+            local = slice_batch(batch, rank * per_rank, (rank + 1) * per_rank)
             total = torch.zeros((), device=acc.device)
             for micro in range(config.grad_accum):
                 mb = {k: v.to(acc.device) for k, v in slice_batch(local, micro * local_batch,
@@ -523,6 +529,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                           file=sys.stderr)
                 break
     finally:
+        task.local_rows = slice(None)
         bar.close()
         for s, h in old.items():
             signal.signal(s, h)
