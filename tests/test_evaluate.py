@@ -392,7 +392,7 @@ def test_two_processes_share_the_generation(evaluated, world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29541", "-m", "llcm.cli", "evaluate", "--data", str(data), "--out", str(out),
+                          str(_free_port()), "-m", "llcm.cli", "evaluate", "--data", str(data), "--out", str(out),
                           "--extractor", "filterbank", "--steps", "1", "--per-class", "3", "--no-memorization",
                           "--quiet", "--model", f"llcm={paths['llcm']}"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -403,3 +403,12 @@ def test_two_processes_share_the_generation(evaluated, world, tmp_path):
     for f in sorted((out / "images" / "llcm" / "consistency-1").rglob("*.png")):
         same = out1 / f.relative_to(out)
         assert np.abs(np.asarray(Image.open(f)).astype(int) - np.asarray(Image.open(same))).max() <= 1
+
+
+def _free_port() -> int:
+    """A port nobody listens on: a fixed one clashes when two suites run on one machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

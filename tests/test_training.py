@@ -143,7 +143,7 @@ def test_two_processes_match_one(tmp_path):
     subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(one), "distill", "4"], env=ENV, check=True,
                    capture_output=True)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", str(HERE / "train_worker.py"), str(two), "distill", "4"],
+                          "--master_port", str(_free_port()), str(HERE / "train_worker.py"), str(two), "distill", "4"],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((two / "config.json").read_text())["processes"] == 2
