@@ -33,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llcm.data.build import atomic_write  # the builder's: temp sibling, then rename
 from llcm.errors import UserError
 
 FORMAT = "llcm-synthetic-v1"
@@ -140,14 +141,6 @@ def png_bytes(pixels: np.ndarray, meta: dict) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, then rename: a kill never leaves half a file under the final name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def file_bytes(fmt: str, pixels: np.ndarray, row: dict, cls: SynthClass, model_name: str) -> bytes:
