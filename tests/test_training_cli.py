@@ -69,8 +69,15 @@ def test_teacher_distill_finetune_from_a_diffusers_folder(sd_folder, latents, tm
 
 def test_dry_run_writes_nothing(sd_folder, latents, tmp_path, capsys):
     assert main(["distill", "--teacher", str(sd_folder[0]), "--latents", str(latents), "--out", str(tmp_path / "x"),
-                 "--dry-run"]) == 0
-    assert '"max_steps"' in capsys.readouterr().out and not (tmp_path / "x").exists()
+                 "--dry-run", "--batch", "8", "--grad-accum", "2", "--gradient-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert '"max_steps"' in out and '"gradient_checkpointing": true' in out and not (tmp_path / "x").exists()
+    # the plan: parameters per network, memory per process, images per step (also as one JSON line)
+    assert "memory per process" in out and "micro-batches of 4" in out
+    plan = json.loads(next(line for line in out.splitlines() if line.startswith('{"plan"')))["plan"]
+    assert [r["name"] for r in plan["networks"]] == ["student", "teacher", "target", "text encoder", "vae"]
+    assert plan["gradient_checkpointing"] and plan["images_per_step"]["micro_batch"] == 4
+    assert plan["memory"]["optimizer"] == 2 * plan["memory"]["gradients"] > 0 and plan["memory"]["activations"] > 0
 
 
 def _bad_cases(sd, latents, tmp_path):

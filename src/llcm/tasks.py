@@ -109,6 +109,10 @@ class TeacherTask(_PromptData):
         embeds[drop] = self.null
         return {**batch, "embeds": embeds}
 
+    def networks(self) -> dict[str, nn.Module]:
+        c = self.components
+        return {"unet": self.trainable.unet, "text encoder": c.text_encoder, "vae": c.vae}
+
     def final_components(self) -> Components:
         self.components.text_encoder.eval()
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
@@ -216,6 +220,17 @@ class _ConsistencyTask(_PromptData):
     def state_modules(self) -> dict[str, nn.Module]:
         return {"target": self.target}
 
+    def networks(self) -> dict[str, nn.Module]:
+        c = self.components
+        return {"student": self.trainable.unet, "target": self.target.unet, "text encoder": c.text_encoder,
+                "vae": c.vae}
+
+    def half_networks(self) -> tuple[str, ...]:
+        # EMA 0: the target is a copy of the student, which autocast rounds the same way at every call. With an
+        # EMA (decay > 0) it stays fp32: at lr 8e-6 and decay 0.95 each update (5% of a ~1e-4 gap) is below half
+        # precision's resolution, and a bf16 target fell 35x its lag behind an fp32 one (docs/scale.md)
+        return ("target",) if self.ema_decay == 0 else ()
+
     def final_components(self) -> Components:
         return dataclasses.replace(self.components, unet=merged_unet(self.trainable.unet))
 
@@ -289,6 +304,13 @@ class DistillTask(_ConsistencyTask):
         self.loss_fn = ConsistencyDistillationLoss(teacher.unet, self.target, solver_fn, self.schedule,
                                                    teacher.prediction_type, metric, huber_c)
 
+    def networks(self) -> dict[str, nn.Module]:
+        nets = super().networks()
+        return {"student": nets.pop("student"), "teacher": self.components.unet, **nets}
+
+    def half_networks(self) -> tuple[str, ...]:
+        return ("teacher", *super().half_networks())  # frozen, forward only
+
 
 def _check_student(student: nn.Module, teacher_unet: nn.Module) -> None:
     """A given student must be the teacher's architecture plus a w-embedding."""
@@ -340,6 +362,12 @@ class FinetuneTask(_ConsistencyTask):
             self.replay_embeds = prompt_table(model, list(self.replay.prompts))
             new = list(dict.fromkeys(data.prompts))
             self.sample_prompts = (new + [p for p in dict.fromkeys(self.replay.prompts) if p not in new])[:8]
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {**super().networks(), **({"base": self.base.unet} if self.base is not None else {})}
+
+    def half_networks(self) -> tuple[str, ...]:
+        return (*super().half_networks(), *(("base",) if self.base is not None else ()))  # frozen, forward only
 
     def draw(self, idx: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
         """The LCF batch, then a share of its rows (random positions) replaced by random replay latents and

@@ -53,6 +53,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps, after the warm-up)
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False  # recompute the trained UNet's activations in the backward pass
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -86,6 +87,8 @@ class TrainConfig:
             raise UserError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise UserError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
 def lr_factor(config: TrainConfig):
@@ -134,8 +137,12 @@ class Task(Protocol):
     def sample_grid(self):  # -> PIL.Image | None
         ...
 
-    def to(self, device: torch.device) -> None:
-        """Move the frozen helpers to the training device (TaskBase does it for every nn.Module attribute)."""
+    def to(self, device: torch.device, mixed_precision: str = "no") -> None:
+        """Move the frozen helpers to the training device (TaskBase does it for every nn.Module attribute) and
+        hold those that only run forward in the mixed-precision dtype there (frozen_dtype)."""
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The task's networks by name (student, teacher, target, text encoder, VAE...), for the --dry-run plan."""
 
 
 class TaskBase:
@@ -162,19 +169,83 @@ class TaskBase:
     def sample_grid(self):
         return None
 
-    def to(self, device: torch.device) -> None:
-        """Move the frozen helpers (teacher, EMA target, VAE, text encoder) to the training device.
+    def _modules(self) -> list[tuple[str, nn.Module]]:
+        """Every nn.Module attribute, and every nn.Module field of a dataclass attribute (Components), by name."""
+        found = []
+        for name, value in vars(self).items():
+            if isinstance(value, nn.Module):
+                found.append((name, value))
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                found += [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)
+                          if isinstance(getattr(value, f.name), nn.Module)]
+        return found
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The task's networks by name, the trainable first, each parameter in one of them only (a module whose
+        parameters all belong to an earlier one, e.g. a UNet inside the trainable, is left out). Tasks name
+        theirs (student, teacher, target, ...) by overriding this; the --dry-run plan lists them."""
+        found, seen = {}, set()
+        for name, module in [("trainable", self.trainable), *self._modules()]:
+            ids = {id(p) for p in module.parameters()}
+            if not ids or ids <= seen:
+                continue
+            found[name], seen = module, seen | ids
+        return found
+
+    def half_networks(self) -> tuple[str, ...]:
+        """Names (in networks()) of the frozen networks that only ever run forward inside autocast, and are held
+        in the mixed-precision dtype on a GPU (frozen_dtype). None by default."""
+        return ()
+
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Cast the half_networks() to `dtype` (the student, and what is saved with it, keep theirs)."""
+        nets = self.networks()
+        for name in self.half_networks():
+            nets[name].to(dtype=dtype)
+
+    def to(self, device: torch.device, mixed_precision: str = "no") -> None:
+        """Move the frozen helpers (teacher, EMA target, VAE, text encoder) to the training device, and hold the
+        half_networks() there in frozen_dtype(device, mixed_precision): fp32 on a CPU, as before.
 
         accelerate moves only the trainable module; batches are drawn on the CPU and moved per step, so
         the latent cache and prompt tables stay where they are.
         """
-        for value in vars(self).values():
-            if isinstance(value, nn.Module):
-                value.to(device)
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-                for field in dataclasses.fields(value):
-                    if isinstance(getattr(value, field.name), nn.Module):
-                        getattr(value, field.name).to(device)
+        device = torch.device(device)
+        for _, module in self._modules():
+            module.to(device)
+        dtype = frozen_dtype(device.type, mixed_precision)
+        if dtype != torch.float32:
+            self.cast_frozen(dtype)
+
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def frozen_dtype(device_type: str, mixed_precision: str) -> torch.dtype:
+    """The dtype of a frozen, forward-only network (a teacher) on the training device: the mixed-precision dtype
+    on a GPU, where autocast runs its convolutions and matmuls in that dtype anyway (fp32 weights would only be
+    rounded again at every call, at twice the memory); fp32 on any other device, so CPU training is unchanged."""
+    if device_type == "cuda" and mixed_precision in HALF_DTYPES:
+        return HALF_DTYPES[mixed_precision]
+    return torch.float32
+
+
+def enable_gradient_checkpointing(module: nn.Module) -> int:
+    """Turn on diffusers' gradient checkpointing (`enable_gradient_checkpointing`) in every diffusers model inside
+    `module` (the trainable: a student's or teacher's UNet): their blocks keep only their inputs in the forward
+    pass and recompute the rest in the backward pass. Frozen networks are not touched (they run without grad).
+    Returns how many models it was turned on in; raises UserError when none supports it."""
+    def walk(m: nn.Module) -> int:
+        if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(m, "enable_gradient_checkpointing"):
+            m.enable_gradient_checkpointing()  # the whole model, its inner diffusers blocks included
+            return 1
+        return sum(walk(child) for child in m.children())
+
+    found = walk(module)
+    if not found:
+        raise UserError(f"--gradient-checkpointing: the trained {type(module).__name__} holds no diffusers model "
+                        "that supports gradient checkpointing")
+    return found
 
 
 def writable_folder(path: str | os.PathLike) -> Path:
@@ -409,10 +480,16 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
     out = Path(config.out)
     record = {"task": task.name, "train": _recorded(config), "processes": world,
               "device": str(acc.device), **(extra_config or {})}
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(task.trainable)
     if acc.is_main_process:
         print(json.dumps(record, indent=2, default=str))
-    if dry_run:
-        return {"dry_run": True, "config": record}
+    if dry_run:  # and the plan, when the task holds networks (`train vae` passes a stand-in); writes nothing
+        plan = plan_run(task, config, acc) if isinstance(getattr(task, "trainable", None), nn.Module) else None
+        if acc.is_main_process and plan is not None:
+            print(format_plan(plan))
+            print(json.dumps({"plan": plan}))
+        return {"dry_run": True, "config": record, "plan": plan}
     say = print if acc.is_main_process else (lambda message: None)
     ck = resume_point(out / "checkpoints", task, say) if resume else None
     if ck is not None and ck["step"] > config.max_steps:
@@ -435,7 +512,7 @@ def train(task: Task, config: TrainConfig, resume: bool = False, dry_run: bool =
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
     model, optimizer = acc.prepare(trainable, optimizer)
-    task.to(acc.device)
+    task.to(acc.device, config.mixed_precision)
 
     step = 0
     if ck is not None:
@@ -579,3 +656,224 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------------------------ the plan (--dry-run)
+
+# A trained network above this many parameters is run at full size on a CPU at micro-batch 1 only (one SD-1.5 step
+# takes minutes there), with small latent crops for the rest (measure_activations).
+CPU_FULL_SIZE_MAX_PARAMS = 100_000_000
+ADAMW_MOMENTS = 2  # exp_avg and exp_avg_sq, each like the parameter (fp32: accelerate keeps fp32 master weights)
+
+
+def _peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Bytes allocated at the peak of fn() beyond those allocated before it: CUDA's allocator statistics on a GPU;
+    elsewhere the allocations and frees of torch's CPU allocator in the order the profiler recorded them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _fd2_hidden(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:  # every allocation and free, as the profiler recorded them (kineto's raw events)
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except AttributeError:  # a torch without them: each operator's net bytes at its start, which misses the
+        # temporaries an operator frees itself (SD-1.5 on 16x16 crops: a peak 40% lower; the same at full size)
+        events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _fd2_hidden():
+    """Kineto writes a profiler_start / profiler_stop line straight to file descriptor 2 for every profile: hide them
+    (and anything else written there meanwhile; the measured step's errors still raise)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _latent_unit(module: nn.Module) -> int | None:
+    """The side (in latent cells) a UNet's input must be a multiple of: 2^(levels - 1); None without a UNet."""
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if isinstance(config, dict) and "block_out_channels" in config and "sample_size" in config:
+            return 2 ** (len(config["block_out_channels"]) - 1)
+    return None
+
+
+def measure_activations(task: Task, config: TrainConfig, device: torch.device,
+                        autocast: Callable = contextlib.nullcontext) -> dict:
+    """The trainable's activation memory: the peak of what one forward + backward of the task's loss allocates
+    beyond the weights and the gradients (allocated before measuring, and counted apart), measured at micro-batch
+    1 and 2 so that a + b x micro-batch separates what does not grow with the batch (autocast's copies of the
+    weights, the largest gradient temporaries) from what each image adds.
+
+    A large network on a CPU (more than CPU_FULL_SIZE_MAX_PARAMS parameters: an SD-1.5 UNet, whose full-size
+    step there takes minutes and 15 GB) runs at full size at micro-batch 1 only; the part that does not grow with
+    the batch comes from latent crops of a quarter of the side at micro-batch 1 and 2. (Extrapolating from crops
+    alone came out 12-28% low at SD-1.5 size: activations grow faster than the latent pixels; docs/scale.md.)
+    Nothing is updated: the gradients are dropped afterwards."""
+    net = task.trainable
+    params = [p for p in net.parameters() if p.requires_grad]
+    n = task.num_examples()
+    task.step, task.max_steps = 0, config.max_steps
+
+    def batch_of(b: int, side: int | None = None) -> dict[str, Tensor]:
+        batch = task.draw(batch_indices(n, b, 0, config.seed), step_generator(config.seed, 0))
+        if side is not None:
+            h, w = batch["z0"].shape[-2:]
+            batch = {k: v[..., :side, :side] if v.ndim == 4 and tuple(v.shape[-2:]) == (h, w) else v
+                     for k, v in batch.items()}
+        return {k: v.to(device).contiguous() for k, v in batch.items()}
+
+    def peak(batch: dict[str, Tensor]) -> int:
+        for p in params:  # allocated before measuring: backward accumulates into them, as from step 2 on
+            p.grad = torch.zeros_like(p)
+
+        def step():
+            with autocast():
+                loss = task.loss(net, batch).mean()
+                loss.backward()
+        try:
+            return _peak_bytes(step, device)
+        finally:
+            for p in params:
+                p.grad = None
+
+    probe = task.draw(batch_indices(n, 1, 0, config.seed), step_generator(config.seed, 0))
+    unit = _latent_unit(net)
+    size = tuple(probe["z0"].shape[-2:]) if "z0" in probe else None
+    big = device.type != "cuda" and sum(p.numel() for p in net.parameters()) > CPU_FULL_SIZE_MAX_PARAMS
+    side = max(unit, min(size) // 4 // unit * unit) if unit and size else 0  # a crop of a quarter of the side
+    if big and side and side < min(size):
+        c1, c2, m1 = peak(batch_of(1, side)), peak(batch_of(2, side)), peak(batch_of(1))
+        fixed = max(0, 2 * c1 - c2)
+        per_image = max(0, m1 - fixed)
+        method = (f"measured: one forward+backward at full size and micro-batch 1; the part that does not grow "
+                  f"with the batch from {side}x{side} latent crops at micro-batch 1 and 2")
+        runs = [[1, side, c1], [2, side, c2], [1, size[0], m1]]
+    else:
+        m1, m2 = peak(batch_of(1)), peak(batch_of(2))
+        per_image, fixed = max(0, m2 - m1), max(0, 2 * m1 - m2)
+        method = "measured: one forward+backward at micro-batch 1 and 2, a + b x micro-batch"
+        runs = [[1, size[0] if size else None, m1], [2, size[0] if size else None, m2]]
+    how = "CUDA max_memory_allocated" if device.type == "cuda" else "torch CPU allocator, profiler"
+    return {"method": f"{method} ({how})", "fixed": int(fixed), "per_image": int(per_image),
+            "runs": [{"batch": b, "latent_side": side, "peak_bytes": int(m)} for b, side, m in runs]}
+
+
+def network_rows(task: Task, device_type: str, mixed_precision: str) -> list[dict]:
+    """Parameters per network (all / trainable), the dtype it is held in on the device, and its bytes there."""
+    half, cast = set(task.half_networks()), frozen_dtype(device_type, mixed_precision)
+    rows = []
+    for name, m in task.networks().items():
+        tensors = list(m.parameters()) + list(m.buffers())
+        held = cast if name in half and cast != torch.float32 else None
+
+        def size(t: Tensor) -> int:
+            return t.numel() * (held.itemsize if held is not None and t.is_floating_point() else t.element_size())
+        params = list(m.parameters())
+        dtype = held or (params[0].dtype if params else torch.float32)
+        rows.append({"name": name, "parameters": sum(p.numel() for p in params),
+                     "trainable": sum(p.numel() for p in params if p.requires_grad),
+                     "dtype": str(dtype).replace("torch.", ""), "bytes": sum(size(t) for t in tensors),
+                     "trainable_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad)})
+    return rows
+
+
+def memory_plan(rows: list[dict], activations: dict | None, config: TrainConfig, processes: int = 1,
+                device_type: str = "cpu") -> dict:
+    """The memory of one process from the network table and the activation measurement (pure arithmetic):
+    weights, gradients (like the trainable parameters), AdamW's two moments, DDP's gradient buckets when there are
+    several processes (one more copy of the gradients), and activations = a + b x micro-batch."""
+    per_process = config.batch_size // processes
+    micro = per_process // config.grad_accum
+    grads = sum(r["trainable_bytes"] for r in rows)
+    memory = {"weights": sum(r["bytes"] for r in rows), "gradients": grads, "optimizer": ADAMW_MOMENTS * grads,
+              "gradient_buckets": grads if processes > 1 else 0,
+              "activations": None if activations is None else activations["fixed"] + activations["per_image"] * micro}
+    memory["total"] = sum(v for v in memory.values() if v is not None)
+    return {"device": device_type, "processes": processes, "mixed_precision": config.mixed_precision,
+            "gradient_checkpointing": config.gradient_checkpointing,
+            "images_per_step": {"global_batch": config.batch_size, "processes": processes, "per_process": per_process,
+                                "grad_accum": config.grad_accum, "micro_batch": micro},
+            "parameters": {"trainable": sum(r["trainable"] for r in rows),
+                           "frozen": sum(r["parameters"] - r["trainable"] for r in rows)},
+            "networks": rows, "memory": memory, "activations": activations}
+
+
+def plan_run(task: Task, config: TrainConfig, accelerator) -> dict:
+    """What --dry-run prints besides the config: parameters per network, memory per process, images per step.
+    Moves the networks to the accelerator's device (as the run would) and measures the activations there."""
+    device = accelerator.device
+    task.trainable.to(device)
+    task.to(device, config.mixed_precision)
+    activations = measure_activations(task, config, device, accelerator.autocast)
+    plan = memory_plan(network_rows(task, device.type, config.mixed_precision), activations, config,
+                       accelerator.num_processes, device.type)
+    if device.type == "cuda":
+        plan["device_memory"] = torch.cuda.get_device_properties(device).total_memory
+    return plan
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as the table --dry-run prints."""
+    ips, mem, act = plan["images_per_step"], plan["memory"], plan["activations"]
+    lines = [f"plan, per process: device {plan['device']}, mixed precision {plan['mixed_precision']}, gradient "
+             f"checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
+             f"images per step: global batch {ips['global_batch']} = {ips['processes']} process"
+             f"{'es' if ips['processes'] > 1 else ''} x "
+             f"{ips['per_process']}; grad accumulation {ips['grad_accum']}: micro-batches of {ips['micro_batch']}",
+             f"{'network':<16}{'parameters':>15}{'trainable':>15}  {'dtype':<10}{'weights':>12}"]
+    for r in plan["networks"]:
+        lines.append(f"{r['name']:<16}{r['parameters']:>15,}{r['trainable']:>15,}  {r['dtype']:<10}"
+                     f"{_bytes(r['bytes']):>12}")
+    p = plan["parameters"]
+    lines.append(f"{'all':<16}{p['trainable'] + p['frozen']:>15,}{p['trainable']:>15,}")
+    why = {"weights": "every network above, in its dtype on the device",
+           "gradients": "one per trainable parameter, in its dtype",
+           "optimizer": "AdamW: 2 moments per trainable parameter (fp32 master weights under mixed precision)",
+           "gradient_buckets": "DDP's copy of the gradients (several processes)",
+           "activations": "-" if act is None else
+           f"{_bytes(act['fixed'])} + {_bytes(act['per_image'])} x micro-batch {ips['micro_batch']}; {act['method']}",
+           "total": "estimated peak of one process"}
+    lines.append("memory per process:")
+    for key, value in mem.items():
+        if key == "gradient_buckets" and not value:
+            continue
+        lines.append(f"  {key.replace('_', ' '):<18}{_bytes(value):>12}  {why[key]}")
+    lines.append("  not counted: the latent cache and prompt tables in host memory, the CUDA context (about 0.5 GiB "
+                 "per GPU), allocator fragmentation")
+    if plan.get("device_memory"):
+        room = plan["device_memory"]
+        verdict = "fits" if mem["total"] <= 0.9 * room else (
+            "does not fit: try --gradient-checkpointing, or --grad-accum N (the same global batch in N micro-batches)"
+            if mem["total"] > room else "is within 10% of it: little room for fragmentation")
+        lines.append(f"this GPU has {_bytes(room)}: the plan {verdict}")
+    return "\n".join(lines)

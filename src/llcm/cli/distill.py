@@ -180,6 +180,8 @@ def run_finetune(args) -> int:
         replay, fresh = load_or_sample(cache, model, cfg, tuple(data.latents.shape[1:]), args.replay_per_class,
                                        args.seed)
         cache = cache if fresh else None
+    elif args.replay > 0:  # --dry-run samples nothing: the new latents stand in, so the plan holds the replay base
+        replay = data
     base = None if args.merge else base_spec(args.model)
     return run_training(lambda: FinetuneTask(model, data, **consistency_kwargs(args, d), adapter_base=base, replay=replay,
                                      replay_fraction=args.replay, replay_cache=cache, k_start=args.k_start,

@@ -46,13 +46,18 @@ every training: checkpoints (safetensors) every --checkpoint-every steps and on 
 --resume continues from the latest intact one bit-for-bit (a finished run: nothing to do); a non-empty
 OUT is refused unless --resume continues the same command's run there or --overwrite replaces it, and
 OUT is never an input folder, inside one or around one; metrics.jsonl (+ TensorBoard if installed) and
-sample grids in OUT; the final model in OUT/model; --dry-run prints the resolved config and stops.
+sample grids in OUT; the final model in OUT/model; --dry-run prints the resolved config and the
+plan (parameters per network, memory per process, images per step) and stops, writing nothing.
 Several processes: accelerate launch --num_processes N -m llcm.cli ... (same global --batch)."""
 
 
 def add_run_options(g) -> None:
     """The options of every training run, teacher to VAE: precision, seed, checkpoints, resume, limits."""
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast dtype (accelerate). The trained network keeps fp32 weights, gradients and AdamW "
+                        "moments; on a GPU the frozen networks that only run forward (distill's teacher, finetune's "
+                        "replay base, a target with --ema 0) are held in this dtype too. "
+                        "Default no")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise (default 0)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     g.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
@@ -61,7 +66,10 @@ def add_run_options(g) -> None:
                         "non-empty --out is refused unless --resume continues the same command's run there")
     g.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                    help="stop after this much training time and save the model as if finished (default: none)")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration and the plan (parameters per network; memory per process "
+                        "for weights, gradients, optimizer and activations, measured by one small forward+backward; "
+                        "images per step) and exit; writes nothing")
     g.add_argument("--quiet", action="store_true", help="no progress bar (metrics.jsonl still records the run)")
 
 
@@ -78,6 +86,10 @@ def add_loop_options(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help=f"learning rate after the warm-up: constant, or a cosine to 0 at the last step "
                         f"(default {defaults.get('lr_schedule', 'constant')})")
     g.add_argument("--sample-every", type=int, default=0, help="sample grid every N steps (0: at the end)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="keep only the trained UNet's block inputs in the forward pass and recompute the rest in the "
+                        "backward pass (diffusers' enable_gradient_checkpointing): far less activation memory, "
+                        "about one more forward of the student per step (--dry-run shows both)")
     add_run_options(g)
     g.add_argument("--preset", default="tiny-cpu", help="named preset for defaults and the tiny architecture "
                    "(tiny-cpu, sd15, sd21-base)")
@@ -91,6 +103,7 @@ def loop_config(args: argparse.Namespace, defaults: dict):
                        grad_accum=args.grad_accum, lr=given(args.lr, "lr"), weight_decay=args.weight_decay,
                        warmup_steps=args.warmup, lr_schedule=args.lr_schedule or defaults.get("lr_schedule", "constant"),
                        mixed_precision=args.mixed_precision, seed=args.seed,
+                       gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
                        time_limit_minutes=getattr(args, "time_limit", 0.0), progress=not getattr(args, "quiet", False))
 
