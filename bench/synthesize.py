@@ -10,6 +10,7 @@ steady one, total time for 10,000 images) and `T1 <llcm / diffusers>`.
 
     python bench/synthesize.py                                   # default model, batch 32, 4 steps, 2 cores
     python bench/synthesize.py --workers 1 --compile off         # llcm as one process, like diffusers
+    python bench/synthesize.py --dtype bf16                      # both sides in bf16 (--diffusers-dtype fp32: theirs not)
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="cores both sides may use (default 2)")
     ap.add_argument("--workers", type=int, default=None, help="llcm's --workers (default: its own choice)")
     ap.add_argument("--compile", choices=["off", "on"], default="off", help="llcm's --compile (default off)")
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="llcm's --dtype (default fp32)")
+    ap.add_argument("--diffusers-dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                    help="diffusers' torch_dtype (default: the same as --dtype)")
     args = ap.parse_args()
 
     import torch
@@ -43,7 +47,10 @@ def main() -> None:
     folder = str(resolve_model(args.model))
     config = load_pipeline(args.model).config
     prompt, w = config.classes[0], config.w_default
-    theirs = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    theirs_dtype = args.diffusers_dtype or args.dtype
+    theirs = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                            torch_dtype=dtypes[theirs_dtype])
     theirs.set_progress_bar_config(disable=True)
     size = load_pipeline(args.model).default_size()
 
@@ -58,7 +65,8 @@ def main() -> None:
     d_seconds = diffusers_batches(args.batches)
     with tempfile.TemporaryDirectory() as tmp:
         run = synthesize(args.model, Path(tmp) / "out", args.images, classes=[prompt], steps=args.steps, w=w,
-                         batch=args.batch, progress=False, compile=args.compile, workers=args.workers)["this_run"]
+                         batch=args.batch, progress=False, compile=args.compile, workers=args.workers,
+                         dtype=args.dtype)["this_run"]
     d_seconds += diffusers_batches(args.batches)
     rate = {"diffusers": 2 * args.batches * args.batch / d_seconds, "llcm": run["steady_images_per_s"]}
     warm = {"diffusers": max(0.0, first - args.batch / rate["diffusers"]),
@@ -66,8 +74,9 @@ def main() -> None:
     for k in ("llcm", "diffusers"):
         print(f"{k:9s} images/s {rate[k]:.1f}  warm-up {warm[k]:.1f} s  10000 images {warm[k] + 10000 / rate[k]:.0f} s")
     ratio = rate["llcm"] / rate["diffusers"]
-    print(f"T1 {ratio:.2f}")
-    print(json.dumps({"batch": args.batch, "steps": args.steps, "threads": args.threads, "llcm_run": run,
+    print(f"T1 {ratio:.2f}  (llcm {args.dtype}, diffusers {theirs_dtype})")
+    print(json.dumps({"batch": args.batch, "steps": args.steps, "threads": args.threads, "dtype": args.dtype,
+                      "diffusers_dtype": theirs_dtype, "llcm_run": run,
                       "images_per_s": rate, "warm_s": warm, "T1": ratio}))
 
 

@@ -206,3 +206,34 @@ def test_hugging_face_imagefolder_reads_it(made, tmp_path, monkeypatch):
     first = ds[0]
     assert first["synthetic"] is True and first["image"].size == (64, 64)
     assert {ds[i]["image"].mode for i in range(6)} == {"L", "RGB"}
+
+
+def test_dtype_bf16_gives_llcm_generates_bf16_images_and_is_a_setting(made, tmp_path, capsys, one_torch_thread):
+    """--dtype bf16 samples with every network cast, as `llcm generate --dtype bf16` does: the same image (up to
+    the batch), not the fp32 one; recorded in the settings, rows and card; a resume in another dtype is refused."""
+    out = tmp_path / "bf"
+    assert run(out, "--dtype", "bf16", classes=(MRI,), per_class=2) == 0
+    rows = [json.loads(x) for x in (out / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["dtype"] for r in rows] == ["bf16", "bf16"]
+    assert json.loads((out / "stats.json").read_text())["settings"]["dtype"] == "bf16"
+    assert "networks in bf16" in (out / "card.md").read_text()
+    assert json.loads((made / "train" / "metadata.jsonl").read_text().splitlines()[0])["dtype"] == "fp32"
+    assert main(["generate", "axial brain MRI, T1-weighted", "--model", "default", "--seed", "1", "--dtype", "bf16",
+                 "--out", str(tmp_path / "g")]) == 0
+    generated = np.asarray(Image.open(tmp_path / "g" / "000_seed1.png").convert("L")).astype(int)
+    bf16 = np.asarray(Image.open(out / "train" / MRI / "000001.png")).astype(int)
+    fp32 = np.asarray(Image.open(made / "train" / MRI / "000001.png")).astype(int)
+    assert np.abs(generated - bf16).max() <= 2  # bf16 rounds more than fp32 when the batch changes
+    assert np.abs(fp32 - bf16).max() > 2  # another precision: not the fp32 image
+    before = dataset_files(out)
+    assert run(out, classes=(MRI,), per_class=2) == 2  # fp32 over a bf16 run
+    assert "dtype 'bf16' -> 'fp32'" in one_error_line(capsys)
+    assert dataset_files(out) == before
+    # a run journaled before --dtype existed (no dtype in its settings) was fp32 and resumes as such
+    state = out / ".synthesize" / "state.json"
+    old = json.loads(state.read_text())
+    del old["settings"]["dtype"]
+    state.write_text(json.dumps(old))
+    assert run(out, "--dtype", "bf16", classes=(MRI,), per_class=2) == 2
+    assert "dtype 'fp32' -> 'bf16'" in one_error_line(capsys)
+    assert run(out, classes=(MRI,), per_class=2) == 0

@@ -47,7 +47,9 @@ COLOUR_MODALITIES = {"fundus photograph", "dermoscopy", "clinical photograph", "
                      "endoscopy"}
 TAXONOMY_FIELDS = ("species", "body_part", "disease", "condition", "modality")
 SETTINGS = ("model_hash", "classes", "per_class", "steps", "w", "seed", "format", "stack", "batch",
-            "filter_memorized", "height", "width", "compiled")
+            "filter_memorized", "height", "width", "compiled", "dtype")
+OLD_DEFAULTS = {"dtype": "fp32"}  # settings a run journaled before they existed had these values
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 @dataclass
@@ -165,10 +167,19 @@ def file_bytes(fmt: str, pixels: np.ndarray, row: dict, cls: SynthClass, model_n
 
 
 def settings_of(model_hash: str, classes: list[SynthClass], per_class: int, steps: int, w: float, seed: int, fmt: str,
-                stack: bool, batch: int, filter_memorized: bool, height: int, width: int, compiled: bool) -> dict:
+                stack: bool, batch: int, filter_memorized: bool, height: int, width: int, compiled: bool,
+                dtype: str = "fp32") -> dict:
     return {"model_hash": model_hash, "classes": [c.text for c in classes], "per_class": per_class, "steps": steps,
             "w": w, "seed": seed, "format": fmt, "stack": stack, "batch": batch, "filter_memorized": filter_memorized,
-            "height": height, "width": width, "compiled": compiled}
+            "height": height, "width": width, "compiled": compiled, "dtype": dtype}
+
+
+def place(pipe, device, dtype: str):
+    """The pipeline on `device` in `dtype` (fp32: as loaded; fp16/bf16: every network cast, as `llcm generate
+    --dtype` does; the model hash stays the one of the weights as loaded)."""
+    import torch
+
+    return pipe.to(device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype))
 
 
 def use_compile(mode: str) -> bool:
@@ -190,7 +201,8 @@ def check_out(out: Path, settings: dict) -> dict:
             previous = state["settings"]
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{state_file} is damaged; choose another --out") from None
-        diff = [f"{k} {previous.get(k)!r} -> {settings[k]!r}" for k in SETTINGS if previous.get(k) != settings[k]]
+        before = {k: previous.get(k, OLD_DEFAULTS.get(k)) for k in SETTINGS}
+        diff = [f"{k} {before[k]!r} -> {settings[k]!r}" for k in SETTINGS if before[k] != settings[k]]
         if diff:
             raise UserError(f"{out} holds a synthetic dataset made with other settings ({'; '.join(diff[:3])}); "
                             "rerun with the same settings to resume it, or choose another --out")
@@ -308,7 +320,7 @@ def _start_worker(model, adapter, device, threads: int, out: Path, settings: dic
 
     global _WORKER
     torch.set_num_threads(threads)
-    pipe = load_pipeline(model, adapter=adapter).to(device)
+    pipe = place(load_pipeline(model, adapter=adapter), device, settings["dtype"])
     if settings["compiled"]:
         pipe.components.unet.compile()
         pipe.components.vae.decoder.compile()
@@ -332,7 +344,7 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
                steps: int = 4, w: float | None = None, seed: int = 0, fmt: str = "png", stack: bool = False,
                batch: int = 32, filter_memorized: bool = False, data: str | os.PathLike | None = None,
                adapter: str | None = None, device: str = "cpu", progress: bool = True, compile: str = "off",
-               workers: int | None = None) -> dict:
+               workers: int | None = None, dtype: str = "fp32") -> dict:
     """Write (or finish) a synthetic dataset; returns its stats.json plus `this_run` (images, seconds, the steady
     rate after the first batch). `model`: a model folder, "default", or an LLCMPipeline already loaded (then one
     process). `workers`: processes (None: `default_workers`). See the module docstring."""
@@ -344,6 +356,8 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
 
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if stack and fmt != "nifti":
         raise UserError("--stack writes one NIfTI volume per class: use it with --format nifti")
     if not 1 <= per_class <= SEED_STRIDE // 2:
@@ -372,7 +386,7 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
         raise UserError(f"--seed must be between 0 and {MAX_SEED - len(pipe.config.classes) * SEED_STRIDE}")
     compiled = use_compile(compile)
     settings = settings_of(pipe.model_hash, table, per_class, steps, w, seed, fmt, stack, batch, filter_memorized,
-                           size, size, compiled)
+                           size, size, compiled, dtype)
     if workers is None:
         workers = 1 if loaded else default_workers(device, per_class * len(table), filter_memorized)
     if filter_memorized or loaded:
@@ -386,7 +400,7 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
         (out / "train" / cls.folder).mkdir(parents=True, exist_ok=True)
     base = {"steps": steps, "w": w, "model_hash": pipe.model_hash, "synthetic": True, "software": __version__,
             "source": f"llcm synthesize ({pipe.name})", "licence": "synthetic images: see the model's licence",
-            "width": size, "height": size, "model_name": pipe.name}
+            "width": size, "height": size, "model_name": pipe.name, "dtype": dtype}
     entries = _journal(out)
     rows = {c.folder: [r for e in entries if e["folder"] == c.folder for r in e["rows"]] for c in table}
     bar = tqdm(total=per_class * len(table), desc="synthesize", unit="img", disable=not progress, dynamic_ncols=True,
@@ -411,7 +425,7 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
         units = [(c, start, min(batch, per_class - start)) for c in table for start in range(0, per_class, batch)
                  if (c.folder, start) not in done]
         if workers == 1:
-            pipe.to(device)
+            place(pipe, device, dtype)
             if compiled:  # in place: the weights' names, and so the model hash, stay as they are
                 pipe.components.unet.compile()
                 pipe.components.vae.decoder.compile()
@@ -425,7 +439,7 @@ def synthesize(model, out: str | os.PathLike, per_class: int, classes: Sequence[
     seconds = time.perf_counter() - clock["t0"]
     steady = clock["after_first"] / (time.perf_counter() - clock["first"]) if clock["after_first"] else None
     run = {"images": clock["made"], "seconds": round(seconds, 2), "workers": workers, "batch": batch,
-           "device": str(device), "compiled": compiled,
+           "device": str(device), "compiled": compiled, "dtype": dtype,
            "images_per_s": round(clock["made"] / seconds, 2) if clock["made"] and seconds > 0 else None,
            "steady_images_per_s": round(steady, 2) if steady else None,
            "first_batch_s": round(clock["first"] - clock["t0"], 2) if clock["first"] else None}
@@ -462,7 +476,7 @@ def _filtered_run(pipe, out: Path, table: list[SynthClass], settings: dict, base
                   guard: MemorizationFilter, device) -> None:
     """One process, class by class: candidates drawn in order of their seeds, a flagged one dropped (its seed
     recorded) and the class drawing on until it has per_class images."""
-    pipe.to(device)
+    place(pipe, device, settings["dtype"])
     maker = BatchMaker(pipe, out, settings, base)
     per_class, batch = settings["per_class"], settings["batch"]
     for cls in table:
@@ -502,7 +516,7 @@ def finish(out: Path, table: list[SynthClass], done: dict[str, list[dict]], sett
         for r in rows:
             row = {"file_name": r["file_name"], "text": cls.text, "class": cls.id, **cls.fields,
                    **{k: r[k] for k in ("seed", "steps", "w", "model_hash", "synthetic", "source", "licence",
-                                        "width", "height")}}
+                                        "width", "height")}, "dtype": r.get("dtype", "fp32")}
             if stack:
                 row["slice"] = r["slice"]
             lines.append(json.dumps(row))
@@ -527,7 +541,8 @@ def render_card(stats: dict, pipe, model_card: str = "") -> str:
              "Every image here was **generated** by a model (`synthetic: true` in each metadata row); none shows a "
              "patient. Use it to augment, pre-train or share, and check it against real data before any claim.", "",
              f"Made by `llcm synthesize`: {s['steps']} consistency steps, guidance w = {s['w']}, seeds "
-             f"{s['seed']} + class position x {SEED_STRIDE} + index, {s['format'].upper()} files"
+             f"{s['seed']} + class position x {SEED_STRIDE} + index, networks in {s.get('dtype', 'fp32')}, "
+             f"{s['format'].upper()} files"
              f"{' (one NIfTI volume per class)' if s['stack'] else ''}, batches of {s['batch']}"
              f"{', each image checked against the training set for copies (flagged ones redrawn)' if s['filter_memorized'] else ''}.",
              "", "Layout: Hugging Face `imagefolder` (`train/<class>/...`, `train/metadata.jsonl` with `file_name`, "
