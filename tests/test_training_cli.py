@@ -55,6 +55,17 @@ def test_teacher_distill_finetune_from_a_diffusers_folder(sd_folder, latents, tm
     assert (tmp_path / "g" / "000_seed0.png").exists()
     config = json.loads((tmp_path / "d" / "config.json").read_text())
     assert config["train"]["max_steps"] == 2 and config["command"] == "distill"
+    # --dry-run plans the teacher and LCF runs too (with checkpointing), and writes nothing
+    capsys.readouterr()
+    for argv, networks in ((["train", "teacher", "--base", str(sd)], ["unet", "text encoder", "vae"]),
+                           (["finetune", "--model", str(tmp_path / "d" / "model")], None)):
+        assert main([*argv, "--latents", str(latents), "--out", str(tmp_path / "dry"), "--dry-run",
+                     "--gradient-checkpointing", *FAST]) == 0
+        out = capsys.readouterr().out
+        plan = json.loads(next(line for line in out.splitlines() if line.startswith('{"plan"')))["plan"]
+        assert plan["gradient_checkpointing"] and plan["memory"]["activations"] > 0 and "memory per process" in out
+        assert networks is None or [r["name"] for r in plan["networks"]] == networks
+        assert not (tmp_path / "dry").exists()
 
     # --student: carry the distilled student over to the fine-tuned teacher; it starts from the student's
     # weights (a 1e-12 learning rate keeps them), not from the teacher's plus a zero w-embedding
