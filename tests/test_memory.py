@@ -15,7 +15,7 @@ import torch
 from llcm import training
 from llcm.latents import LatentSet
 from llcm.models import build_tiny_components, load_preset
-from llcm.tasks import DistillTask, FinetuneTask
+from llcm.tasks import DistillTask, FinetuneTask, TeacherTask
 from llcm.training import (TrainConfig, batch_indices, enable_gradient_checkpointing, frozen_dtype,
                            measure_activations, step_generator, train)
 
@@ -48,16 +48,17 @@ def loss_and_grads(task, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["distill", "finetune"])
+@pytest.mark.parametrize("kind", ["teacher", "distill", "finetune"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind, tiny_student, one_torch_thread):
-    task = distill_task() if kind == "distill" else finetune_task(tiny_student)
+    task = {"teacher": lambda: TeacherTask(build_tiny_components(load_preset("tiny-cpu"), seed=0), tiny_data()),
+            "distill": distill_task, "finetune": lambda: finetune_task(tiny_student)}[kind]()
     batch = task.draw(batch_indices(task.num_examples(), 4, 0, 0), step_generator(0, 0))
     loss, grads = loss_and_grads(task, batch)
-    assert enable_gradient_checkpointing(task.trainable) == 1  # the student's UNet
+    assert enable_gradient_checkpointing(task.trainable) == 1  # the trained UNet
     flags = [m.gradient_checkpointing for m in task.trainable.unet.modules() if hasattr(m, "gradient_checkpointing")]
     assert flags and all(flags)
     for name, net in task.networks().items():  # the frozen networks run without grad: left as they are
-        if name != "student":
+        if net is not task.trainable.unet and name != "student":
             assert not any(getattr(m, "gradient_checkpointing", False) for m in net.modules()), name
     loss_ck, grads_ck = loss_and_grads(task, batch)
     torch.testing.assert_close(loss_ck, loss, rtol=1e-6, atol=0)
