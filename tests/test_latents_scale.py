@@ -267,12 +267,18 @@ def test_two_processes_write_the_cache_of_one(encoded, tmp_path):
     assert files(tmp_path / "lat") == files(encoded["lat"])
 
 
-def _as_two_ranks(fn) -> list:
-    """fn(rank, gather) run as two processes would run it, in two threads named "0" and "1": the gather hands
-    each rank both ranks' lists, in rank order. Returns each rank's result, or what it raised."""
+def _two_rank_scan(data, monkeypatch) -> tuple[list, dict]:
+    """scan_split as two processes run it, in two threads: each hashes its half, the gather swaps the halves."""
     import threading
 
-    barrier, board, results = threading.Barrier(2), {}, [None, None]
+    import llcm.vae as vae_mod
+
+    barrier, board, calls, results = threading.Barrier(2), {}, {0: 0, 1: 0}, [None, None]
+    real = vae_mod._check_image
+
+    def counted(path, meta):
+        calls[int(threading.current_thread().name)] += 1
+        return real(path, meta)
 
     def run(rank):
         def gather(mine):
@@ -280,74 +286,35 @@ def _as_two_ranks(fn) -> list:
             barrier.wait()
             return board[0] + board[1]
         try:
-            results[rank] = fn(rank, gather)
+            results[rank] = vae_mod.scan_split(data, "train", 4, (rank, 2), gather)
         except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
             results[rank] = exc
 
+    monkeypatch.setattr(vae_mod, "_check_image", counted)
     threads = [threading.Thread(target=run, args=(r,), name=str(r)) for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    return results
-
-
-def _per_thread_calls(monkeypatch, owner, name: str) -> dict:
-    """Count the calls of owner.name per rank thread."""
-    import threading
-
-    calls, real = {0: 0, 1: 0}, getattr(owner, name)
-
-    def counted(*args, **kwargs):
-        calls[int(threading.current_thread().name)] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, counted)
-    return calls
+    return results, calls
 
 
 def test_processes_share_the_scan_of_the_split(encoded, tmp_path, monkeypatch):
     """Each encode process reads and hashes half of the images; both get the one-process split and hash, and a
     missing image in one half stops both with the same line (no process left waiting)."""
-    import llcm.vae as vae_mod
     from llcm.errors import UserError
     from llcm.vae import scan_split
 
     one = scan_split(encoded["data"], "train", 4)
-    calls = _per_thread_calls(monkeypatch, vae_mod, "_check_image")
-    a, b = _as_two_ranks(lambda rank, gather: scan_split(encoded["data"], "train", 4, (rank, 2), gather))
+    (a, b), calls = _two_rank_scan(encoded["data"], monkeypatch)
     assert calls == {0: len(one) // 2, 1: len(one) - len(one) // 2}
     for split in (a, b):
         assert split.data_hash == one.data_hash and split.files == one.files and split.texts == one.texts
     data = tmp_path / "data"
     shutil.copytree(encoded["data"], data)
     (data / "train" / one.files[-1].relative_to(one.root / "train")).unlink()  # in rank 1's half
-    a, b = _as_two_ranks(lambda rank, gather: scan_split(data, "train", 4, (rank, 2), gather))
+    (a, b), _ = _two_rank_scan(data, monkeypatch)
     assert isinstance(a, UserError) and isinstance(b, UserError) and str(a) == str(b) and "not found" in str(a)
-
-
-def test_processes_share_the_check_of_an_up_to_date_cache(encoded, tmp_path, monkeypatch):
-    """An encode that finds its cache up to date hashes every shard; two processes hash half each, and a damaged
-    shard in one half is refused by both with the same line (or, with overwrite, re-encoded by both)."""
-    import llcm.latents as latents_mod
-    from llcm.encode import cached, plan_encode
-    from llcm.errors import UserError
-
-    out = tmp_path / "lat"
-    shutil.copytree(encoded["lat"], out)
-    job = plan_encode(encoded["data"], encoded["tmp"] / "vae0", out, flip=True, batch_size=3, shard_mb=rows_mb(5))
-    assert len(job.ranges) == 5
-    calls = _per_thread_calls(monkeypatch, latents_mod, "_sha256")
-    a, b = _as_two_ranks(lambda rank, gather: cached(job, False, (rank, 2), gather))
-    assert calls == {0: 2, 1: 3} and len(a) == len(b) == 24
-    shard = out / "latents-00004.safetensors"  # rank 1's: a latent's last byte changed, the header intact
-    data = shard.read_bytes()
-    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    calls.update({0: 0, 1: 0})
-    a, b = _as_two_ranks(lambda rank, gather: cached(job, False, (rank, 2), gather))
-    assert isinstance(a, UserError) and isinstance(b, UserError) and str(a) == str(b)
-    assert "latents-00004" in str(a) and "sha256" in str(a) and calls == {0: 2, 1: 3}
-    assert _as_two_ranks(lambda rank, gather: cached(job, True, (rank, 2), gather)) == [None, None]
 
 
 def _free_port() -> int:

@@ -104,11 +104,9 @@ def plan_encode(data_dir: str | os.PathLike, model: str | os.PathLike, out: str 
                      model_record(model))
 
 
-def cached(job: EncodeJob, overwrite: bool, part: tuple[int, int] = (0, 1), gather=None) -> LatentSet | None:
+def cached(job: EncodeJob, overwrite: bool) -> LatentSet | None:
     """The cache in job.out when it is up to date (every shard hashed), else None when it may be (re)written;
-    a cache made differently, or a damaged one, is refused unless `overwrite`. Reads only. Several processes
-    share the hashing: with part=(rank, world) this one hashes a contiguous 1/world of the shards and `gather`
-    (accelerate's gather_object) tells every process what the others found, so all decide alike."""
+    a cache made differently, or a damaged one, is refused unless `overwrite`. Reads only."""
     index = job.out / "latents.json"
     if not index.is_file():
         return None
@@ -126,20 +124,12 @@ def cached(job: EncodeJob, overwrite: bool, part: tuple[int, int] = (0, 1), gath
     # the same settings: a format-1 cache, or one from before llcm recorded grayscale classes, is encoded again
     if not sharded or "grayscale" not in meta:
         return None
-    rank, world = part
     try:
-        result, problem = LatentSet.load(job.out, expect_vae_hash=job.want["vae_hash"]), None
-        n = len(result.latents.shards)
-        result.latents.verify(range(rank * n // world, (rank + 1) * n // world))
-    except UserError as exc:  # a value, so that no process is left waiting in the gather
-        result, problem = None, str(exc)
-    if world > 1:
-        problem = next((p for p in gather([problem]) if p), None)
-    if problem is None:
-        return result
-    if not overwrite:
-        raise UserError(problem)
-    return None
+        return LatentSet.load(job.out, expect_vae_hash=job.want["vae_hash"], verify="all")
+    except UserError:
+        if not overwrite:
+            raise
+        return None
 
 
 def prepare_out(job: EncodeJob, overwrite: bool) -> None:
@@ -254,11 +244,10 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
     from accelerate.utils import gather_object
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    part = (state.process_index, state.num_processes)  # each process reads and hashes its slice of the images,
-    job = plan_encode(data_dir, model, out, split, flip, batch_size, dtype, shard_mb, part, gather_object)
+    job = plan_encode(data_dir, model, out, split, flip, batch_size, dtype, shard_mb,  # each process hashes a slice
+                      (state.process_index, state.num_processes), gather_object)
     base = {**job.want, "main": state.is_main_process, "processes": state.num_processes, "shards": len(job.ranges)}
-    # and of an existing cache's shards: every process decides alike, before the main one changes anything
-    up_to_date = cached(job, overwrite, part, gather_object)
+    up_to_date = cached(job, overwrite)  # every process decides alike, before the main one changes anything
     state.wait_for_everyone()
     if up_to_date is not None:
         return up_to_date, {"skipped": True, **base}

@@ -45,7 +45,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -231,11 +231,11 @@ class ShardedLatents:
                             f"the one in latents.json); {REBUILD}")
         self.verified.add(shard.path.name)
 
-    def verify(self, shards: Iterable[int] | None = None) -> None:
-        """Check the sha256 of every shard (or of those numbered in `shards`) now: reads them once."""
+    def verify(self) -> None:
+        """Check the sha256 of every shard now (reads the whole cache once)."""
         mode, self.verify_mode = self.verify_mode, "lazy"
         try:
-            for i in range(len(self.shards)) if shards is None else shards:
+            for i in range(len(self.shards)):
                 self._verify(i)
         finally:
             self.verify_mode = mode
