@@ -267,56 +267,6 @@ def test_two_processes_write_the_cache_of_one(encoded, tmp_path):
     assert files(tmp_path / "lat") == files(encoded["lat"])
 
 
-def _two_rank_scan(data, monkeypatch) -> tuple[list, dict]:
-    """scan_split as two processes run it, in two threads: each hashes its half, the gather swaps the halves."""
-    import threading
-
-    import llcm.vae as vae_mod
-
-    barrier, board, calls, results = threading.Barrier(2), {}, {0: 0, 1: 0}, [None, None]
-    real = vae_mod._check_image
-
-    def counted(path, meta):
-        calls[int(threading.current_thread().name)] += 1
-        return real(path, meta)
-
-    def run(rank):
-        def gather(mine):
-            board[rank] = mine
-            barrier.wait()
-            return board[0] + board[1]
-        try:
-            results[rank] = vae_mod.scan_split(data, "train", 4, (rank, 2), gather)
-        except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
-            results[rank] = exc
-
-    monkeypatch.setattr(vae_mod, "_check_image", counted)
-    threads = [threading.Thread(target=run, args=(r,), name=str(r)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return results, calls
-
-
-def test_processes_share_the_scan_of_the_split(encoded, tmp_path, monkeypatch):
-    """Each encode process reads and hashes half of the images; both get the one-process split and hash, and a
-    missing image in one half stops both with the same line (no process left waiting)."""
-    from llcm.errors import UserError
-    from llcm.vae import scan_split
-
-    one = scan_split(encoded["data"], "train", 4)
-    (a, b), calls = _two_rank_scan(encoded["data"], monkeypatch)
-    assert calls == {0: len(one) // 2, 1: len(one) - len(one) // 2}
-    for split in (a, b):
-        assert split.data_hash == one.data_hash and split.files == one.files and split.texts == one.texts
-    data = tmp_path / "data"
-    shutil.copytree(encoded["data"], data)
-    (data / "train" / one.files[-1].relative_to(one.root / "train")).unlink()  # in rank 1's half
-    (a, b), _ = _two_rank_scan(data, monkeypatch)
-    assert isinstance(a, UserError) and isinstance(b, UserError) and str(a) == str(b) and "not found" in str(a)
-
-
 def _free_port() -> int:
     import socket
 

@@ -77,9 +77,8 @@ class EncodeJob:
 
 def plan_encode(data_dir: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike, split: str = "train",
                 flip: bool = False, batch_size: int = 16, dtype: str = "fp16",
-                shard_mb: float | None = None, part: tuple[int, int] = (0, 1), gather=None) -> EncodeJob:
-    """Load the VAE, check and hash the split, and cut the cache into shards (reads, writes nothing). Several
-    processes share the split's reading and hashing through `part` and `gather` (llcm.vae.scan_split)."""
+                shard_mb: float | None = None) -> EncodeJob:
+    """Load the VAE, check and hash the split, and cut the cache into shards (reads, writes nothing)."""
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     stored = storage_dtype(dtype)
@@ -87,7 +86,7 @@ def plan_encode(data_dir: str | os.PathLike, model: str | os.PathLike, out: str 
     from llcm.pipeline import resolve_model
 
     vae = load_vae(find_vae_folder(full_model_folder(resolve_model(model))))  # an adapter has no VAE of its own
-    images = scan_split(data_dir, split, vae_factor(vae), part, gather)
+    images = scan_split(data_dir, split, vae_factor(vae))
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file, not a folder")
@@ -241,11 +240,9 @@ def encode_split(data_dir: str | os.PathLike, model: str | os.PathLike, out: str
     (:func:`llcm.pipeline.resolve_model`). ``info["skipped"]`` is True when an up-to-date cache was reused; ``info["main"]``
     is False in the other processes of a multi-process run."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    job = plan_encode(data_dir, model, out, split, flip, batch_size, dtype, shard_mb,  # each process hashes a slice
-                      (state.process_index, state.num_processes), gather_object)
+    job = plan_encode(data_dir, model, out, split, flip, batch_size, dtype, shard_mb)
     base = {**job.want, "main": state.is_main_process, "processes": state.num_processes, "shards": len(job.ranges)}
     up_to_date = cached(job, overwrite)  # every process decides alike, before the main one changes anything
     state.wait_for_everyone()

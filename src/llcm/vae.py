@@ -112,30 +112,10 @@ def _rows(root: Path, split: str) -> list[dict]:
     return rows
 
 
-def _check_image(path: Path, meta: Path) -> tuple:
-    """("ok", sha256 of the file's bytes, (w, h) from its header) or ("error", the one-line message): an error is
-    a value, so that every process of a shared scan learns of it (llcm.vae.scan_split)."""
+def scan_split(data_dir: str | os.PathLike, split: str = "train", factor: int = 1) -> ImageSplit:
+    """Check and hash a split: every image readable, all one size, sides a multiple of ``factor``."""
     from PIL import Image
 
-    try:
-        data = path.read_bytes()
-        with Image.open(path) as im:
-            size = im.size  # (w, h), read from the header only
-    except FileNotFoundError:
-        return "error", f"image listed in {meta} not found: {path}"
-    except OSError as exc:
-        return "error", f"cannot read image {path}: {exc}"
-    return "ok", hashlib.sha256(data).digest(), size
-
-
-def scan_split(data_dir: str | os.PathLike, split: str = "train", factor: int = 1, part: tuple[int, int] = (0, 1),
-               gather=None) -> ImageSplit:
-    """Check and hash a split: every image readable, all one size, sides a multiple of ``factor``.
-
-    Several processes share the reading (`llcm encode` under torchrun/accelerate): with part=(rank, world) this
-    process reads and hashes a contiguous slice of the files only, and ``gather`` (accelerate's gather_object:
-    every process's list, in rank order) hands each process all the results; the split and its hash are the
-    same as one process's."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"data folder not found: {data_dir}")
@@ -146,23 +126,23 @@ def scan_split(data_dir: str | os.PathLike, split: str = "train", factor: int = 
     rows = _rows(root, split)
     if not rows:
         raise UserError(f"no images in the {split!r} split of {data_dir} ({meta} lists none)")
-    rank, world = part
-    mine = range(rank * len(rows) // world, (rank + 1) * len(rows) // world)
-    checked = [_check_image(Path(rows[i]["path"]), meta) for i in mine]
-    if world > 1:
-        checked = gather(checked)
-    error = next((c[1] for c in checked if c[0] == "error"), None)
-    if error:
-        raise UserError(error)
     digest = hashlib.sha256()
     files, texts, classes, sizes = [], [], [], {}
-    for row, (_, file_digest, size) in zip(rows, checked, strict=True):
+    for row in rows:
         path = Path(row["path"])
         text = str(row.get("text", row.get("class", "")))
         cls = str(row.get("class", text))
+        try:
+            data = path.read_bytes()
+            with Image.open(path) as im:
+                size = im.size  # (w, h), read from the header only
+        except FileNotFoundError:
+            raise UserError(f"image listed in {meta} not found: {path}") from None
+        except OSError as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
         digest.update(json.dumps([row["file_name"], text, cls]).encode())
-        digest.update(file_digest)
-        sizes.setdefault(tuple(size), path)
+        digest.update(hashlib.sha256(data).digest())
+        sizes.setdefault(size, path)
         files.append(path)
         texts.append(text)
         classes.append(cls)
