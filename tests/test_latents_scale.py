@@ -265,6 +265,18 @@ def test_two_processes_write_the_cache_of_one(encoded, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("encoded 24 latents") == 1  # the main process reports
     assert files(tmp_path / "lat") == files(encoded["lat"])
+    # again: the cache is up to date; then with a damaged shard every process stops with the same line
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llcm.cli",
+            *encoded["argv"], "--out", str(tmp_path / "lat")]
+    res = subprocess.run(argv[:5] + ["--master_port", str(_free_port())] + argv[5:], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.count("is up to date") == 1, res.stderr[-3000:]
+    shard = tmp_path / "lat" / "latents-00004.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    res = subprocess.run(argv[:5] + ["--master_port", str(_free_port())] + argv[5:], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode != 0 and res.stderr.count("latents-00004.safetensors is damaged") == 2, res.stderr[-3000:]
 
 
 def _free_port() -> int:
