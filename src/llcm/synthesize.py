@@ -177,9 +177,9 @@ def settings_of(model_hash: str, classes: list[SynthClass], per_class: int, step
 def place(pipe, device, dtype: str):
     """The pipeline on `device` in `dtype` (fp32: as loaded; fp16/bf16: every network cast, as `llcm generate
     --dtype` does; the model hash stays the one of the weights as loaded)."""
-    import torch
+    from llcm.training import HALF_DTYPES
 
-    return pipe.to(device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype))
+    return pipe.to(device, HALF_DTYPES.get(dtype))
 
 
 def use_compile(mode: str) -> bool:
